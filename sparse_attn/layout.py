@@ -1,0 +1,263 @@
+"""The block-sparse layout: which (query block, key block) pairs are computed.
+
+Pure PyTorch, no Triton import, runs on any device. A layout is built on the
+device of its input without host synchronisation (no ``.item()``, ``.cpu()`` or
+data-dependent shapes), so it can be produced inside a CUDA graph or a
+``torch.compile`` region.
+
+Format (like FlexAttention's ``BlockMask``), per (batch, head, query block):
+
+* ``kv_num [Bl, Hl, Mq]`` int32 -- how many key blocks the query block sees;
+* ``kv_idx [Bl, Hl, Mq, Mk]`` int32 -- those key-block indices, ascending, in the
+  first ``kv_num`` slots (the rest are padding and never read);
+
+and the transposed form used by the dK/dV pass, per key block:
+
+* ``q_num [Bl, Hl, Mk]``, ``q_idx [Bl, Hl, Mk, Mq]``.
+
+``Bl`` is 1 (shared by the batch) or ``B``; ``Hl`` is 1, ``Hkv`` (shared by the
+query heads of a GQA group: query head ``h`` uses layout head ``h // (Hq // Hkv)``)
+or ``Hq``. Query block ``r`` covers query rows ``[r*bq, (r+1)*bq)`` and key block
+``c`` covers keys ``[c*bk, (c+1)*bk)``; the last block of each may be partial.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["BlockSparseLayout", "SUPPORTED_BLOCK_SIZES"]
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+BlockSize = Union[int, Sequence[int]]
+
+
+def _parse_block_size(block_size: BlockSize) -> Tuple[int, int]:
+    if isinstance(block_size, bool):
+        raise TypeError(f"block_size must be an int or a pair of ints, got {block_size!r}")
+    if isinstance(block_size, int):
+        pair = (block_size, block_size)
+    else:
+        try:
+            pair = tuple(int(b) for b in block_size)
+        except TypeError:
+            raise TypeError(f"block_size must be an int or a pair of ints, got {block_size!r}") from None
+        if len(pair) != 2:
+            raise ValueError(f"block_size must be an int or a pair (bq, bk), got {block_size!r}")
+    for b in pair:
+        if b not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"block_size entries must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _compress(block_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """bool [..., M, N] -> (counts int32 [..., M], ascending kept indices int32 [..., M, N]).
+
+    A stable sort of ``~mask`` puts the kept columns first, in ascending order,
+    with a static output shape, so no host synchronisation is needed.
+    """
+    num = block_mask.sum(dim=-1, dtype=torch.int32)
+    idx = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def _expand(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """(counts [..., M], indices [..., M, K]) -> bool mask [..., M, n_cols].
+
+    Padding slots (position >= count) are ignored whatever they hold.
+    """
+    slots = torch.arange(idx.shape[-1], device=idx.device)
+    valid = slots < num.unsqueeze(-1)
+    target = idx.long().clamp(0, max(n_cols - 1, 0))
+    hits = torch.zeros(*idx.shape[:-1], n_cols, dtype=torch.int32, device=idx.device)
+    hits.scatter_add_(-1, target, valid.to(torch.int32))
+    return hits > 0
+
+
+class BlockSparseLayout:
+    """Which blocks of the attention matrix are computed.
+
+    Build one with :meth:`from_block_mask` (a boolean ``[Bl, Hl, Mq, Mk]`` block mask)
+    or with the constructor (counts + ascending indices). Both forms (rows for the
+    forward and dQ, columns for dK/dV) are kept on the device.
+
+    Example::
+
+        >>> mask = torch.tensor([[[[1, 0], [1, 1]]]], dtype=torch.bool)  # [1, 1, 2, 2]
+        >>> layout = BlockSparseLayout.from_block_mask(mask, block_size=64, seq_q=100, seq_k=100)
+        >>> layout.kv_num.tolist(), layout.density
+        ([[[1, 2]]], 0.75)
+        >>> torch.equal(layout.to_block_mask(), mask)
+        True
+
+    Args:
+        kv_num: ``[Bl, Hl, Mq]`` integer, number of key blocks each query block sees.
+        kv_idx: ``[Bl, Hl, Mq, K]`` integer (``K <= Mk``), strictly ascending key-block
+            indices in the first ``kv_num`` slots; later slots are ignored.
+        block_size: ``bq`` (= ``bk``) or ``(bq, bk)``, each one of 16, 32, 64, 128.
+        seq_q, seq_k: sequence lengths; default ``Mq * bq`` and ``num_key_blocks * bk``.
+        num_key_blocks: ``Mk``; defaults to ``ceil(seq_k / bk)`` when ``seq_k`` is given,
+            else ``K``.
+        validate: check counts and indices (range, strictly ascending). This reads the
+            data back to the host; pass ``False`` inside CUDA graphs once the producer
+            is trusted.
+    """
+
+    def __init__(
+        self,
+        kv_num: torch.Tensor,
+        kv_idx: torch.Tensor,
+        block_size: BlockSize = 64,
+        seq_q: Optional[int] = None,
+        seq_k: Optional[int] = None,
+        *,
+        num_key_blocks: Optional[int] = None,
+        validate: bool = True,
+    ) -> None:
+        for name, t in (("kv_num", kv_num), ("kv_idx", kv_idx)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if kv_num.dim() != 3:
+            raise ValueError(f"kv_num must be [Bl, Hl, Mq], got shape {tuple(kv_num.shape)}")
+        if kv_idx.dim() != 4 or kv_idx.shape[:3] != kv_num.shape:
+            raise ValueError(
+                f"kv_idx must be [Bl, Hl, Mq, K] matching kv_num {tuple(kv_num.shape)}, got {tuple(kv_idx.shape)}"
+            )
+        if kv_idx.device != kv_num.device:
+            raise ValueError(f"kv_num and kv_idx must be on one device, got {kv_num.device} and {kv_idx.device}")
+        bq, bk = _parse_block_size(block_size)
+        mq = kv_num.shape[2]
+        if num_key_blocks is None:
+            num_key_blocks = _ceil_div(seq_k, bk) if seq_k is not None else kv_idx.shape[3]
+        mk = int(num_key_blocks)
+        seq_q = mq * bq if seq_q is None else int(seq_q)
+        seq_k = mk * bk if seq_k is None else int(seq_k)
+        if _ceil_div(seq_q, bq) != mq:
+            raise ValueError(f"seq_q={seq_q} needs {_ceil_div(seq_q, bq)} query blocks of {bq}, layout has Mq={mq}")
+        if _ceil_div(seq_k, bk) != mk:
+            raise ValueError(f"seq_k={seq_k} needs {_ceil_div(seq_k, bk)} key blocks of {bk}, layout has Mk={mk}")
+        if kv_idx.shape[3] > mk:
+            raise ValueError(f"kv_idx has {kv_idx.shape[3]} slots per row but there are only Mk={mk} key blocks")
+        if validate:
+            _validate_rows(kv_num, kv_idx, mk)
+        block_mask = _expand(kv_num, kv_idx, mk)
+        self._init(block_mask, (bq, bk), seq_q, seq_k)
+
+    # -- construction -------------------------------------------------------------------------
+    def _init(self, block_mask: torch.Tensor, block_size: Tuple[int, int], seq_q: int, seq_k: int) -> None:
+        self.block_size: Tuple[int, int] = block_size
+        self.seq_q: int = seq_q
+        self.seq_k: int = seq_k
+        self.kv_num, self.kv_idx = _compress(block_mask)
+        self.q_num, self.q_idx = _compress(block_mask.transpose(-1, -2))
+
+    @classmethod
+    def from_block_mask(
+        cls,
+        block_mask: torch.Tensor,
+        block_size: BlockSize = 64,
+        seq_q: Optional[int] = None,
+        seq_k: Optional[int] = None,
+    ) -> "BlockSparseLayout":
+        """Layout from a boolean block mask ``[Bl, Hl, Mq, Mk]`` (True = computed).
+
+        ``seq_q``/``seq_k`` default to ``Mq * bq`` and ``Mk * bk``; give them when the
+        sequences end inside the last block. No host synchronisation.
+        """
+        if not isinstance(block_mask, torch.Tensor):
+            raise TypeError(f"block_mask must be a torch.Tensor, got {type(block_mask).__name__}")
+        if block_mask.dim() != 4:
+            raise ValueError(f"block_mask must be [Bl, Hl, Mq, Mk], got shape {tuple(block_mask.shape)}")
+        if block_mask.dtype != torch.bool:
+            if block_mask.dtype.is_floating_point or block_mask.dtype.is_complex:
+                raise TypeError(f"block_mask must be bool (or integer 0/1), got {block_mask.dtype}")
+            block_mask = block_mask != 0
+        bq, bk = _parse_block_size(block_size)
+        mq, mk = block_mask.shape[2], block_mask.shape[3]
+        seq_q = mq * bq if seq_q is None else int(seq_q)
+        seq_k = mk * bk if seq_k is None else int(seq_k)
+        if _ceil_div(seq_q, bq) != mq:
+            raise ValueError(f"seq_q={seq_q} needs {_ceil_div(seq_q, bq)} query blocks of {bq}, block_mask has Mq={mq}")
+        if _ceil_div(seq_k, bk) != mk:
+            raise ValueError(f"seq_k={seq_k} needs {_ceil_div(seq_k, bk)} key blocks of {bk}, block_mask has Mk={mk}")
+        layout = cls.__new__(cls)
+        layout._init(block_mask, (bq, bk), seq_q, seq_k)
+        return layout
+
+    @classmethod
+    def dense(
+        cls,
+        seq_q: int,
+        seq_k: int,
+        block_size: BlockSize = 64,
+        device: Optional[torch.device] = None,
+    ) -> "BlockSparseLayout":
+        """A layout that keeps every block (useful to compare against dense kernels)."""
+        bq, bk = _parse_block_size(block_size)
+        mask = torch.ones(1, 1, _ceil_div(seq_q, bq), _ceil_div(seq_k, bk), dtype=torch.bool, device=device)
+        return cls.from_block_mask(mask, (bq, bk), seq_q, seq_k)
+
+    # -- views -------------------------------------------------------------------------------
+    def to_block_mask(self) -> torch.Tensor:
+        """The boolean block mask ``[Bl, Hl, Mq, Mk]`` this layout was built from."""
+        return _expand(self.kv_num, self.kv_idx, self.num_key_blocks)
+
+    @property
+    def num_query_blocks(self) -> int:
+        return self.kv_num.shape[2]
+
+    @property
+    def num_key_blocks(self) -> int:
+        return self.q_num.shape[2]
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """``(Bl, Hl, Mq, Mk)``."""
+        return (self.kv_num.shape[0], self.kv_num.shape[1], self.num_query_blocks, self.num_key_blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_num.device
+
+    @property
+    def density(self) -> float:
+        """Fraction of blocks kept (reads back to the host: not for hot paths)."""
+        total = self.kv_num.numel() * self.num_key_blocks
+        return float(self.kv_num.sum().item()) / max(total, 1)
+
+    def to(self, device: Union[str, torch.device]) -> "BlockSparseLayout":
+        """A copy of the layout on ``device``."""
+        out = self.__class__.__new__(self.__class__)
+        out.block_size, out.seq_q, out.seq_k = self.block_size, self.seq_q, self.seq_k
+        for name in ("kv_num", "kv_idx", "q_num", "q_idx"):
+            setattr(out, name, getattr(self, name).to(device))
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockSparseLayout(shape={self.shape}, block_size={self.block_size}, "
+            f"seq_q={self.seq_q}, seq_k={self.seq_k}, device={self.device})"
+        )
+
+
+def _validate_rows(kv_num: torch.Tensor, kv_idx: torch.Tensor, mk: int) -> None:
+    """Host-side checks of a user-given (counts, indices) pair; raises ValueError."""
+    k = kv_idx.shape[-1]
+    if bool(((kv_num < 0) | (kv_num > k)).any()):
+        raise ValueError(f"kv_num entries must lie in [0, {k}] (the number of index slots per row)")
+    slots = torch.arange(k, device=kv_idx.device)
+    valid = slots < kv_num.unsqueeze(-1)
+    if bool((valid & ((kv_idx < 0) | (kv_idx >= mk))).any()):
+        raise ValueError(f"kv_idx has a block index out of range [0, {mk})")
+    if k > 1:
+        rising = kv_idx[..., 1:] > kv_idx[..., :-1]
+        if bool((valid[..., 1:] & ~rising).any()):
+            raise ValueError("kv_idx must be strictly ascending within the first kv_num slots of each row")

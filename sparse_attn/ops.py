@@ -1,0 +1,299 @@
+"""``sparse_attention()``: validation, backend dispatch, and the ``torch.library`` custom op.
+
+The op ``sparse_attn::sparse_attention`` (and its backward,
+``sparse_attn::sparse_attention_backward``) take the layout as plain tensors so that
+``torch.compile(fullgraph=True)`` traces straight through them; ``register_fake`` gives
+their output shapes and ``register_autograd`` wires the backward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .layout import BlockSparseLayout, _expand
+from .reference import reference_backward, reference_forward
+
+__all__ = ["sparse_attention", "BACKENDS", "available_backends"]
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_KERNEL_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+# Read once at import (Triton itself reads TRITON_INTERPRET when kernels are defined), which
+# also keeps these checks free of work that torch.compile would have to trace.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_backends(device: Union[str, torch.device] = "cuda") -> Tuple[str, ...]:
+    """The backends that can run on ``device`` in this process (always includes "reference")."""
+    device = torch.device(device)
+    out = []
+    if _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _INTERPRET)):
+        out.append("triton")
+    out.append("reference")
+    return tuple(out)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "reference"
+        return "triton"
+    if backend == "cuda":
+        # The name is reserved for the CUDA C++ kernels (csrc/), which are not part of this release.
+        raise RuntimeError("backend='cuda': the CUDA C++ kernels are not built in this release; "
+                           "use backend='triton' or backend='auto'")
+    if backend == "triton":
+        if not _HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the `triton` package, which is not importable")
+        if device.type == "cpu" and not _INTERPRET:
+            raise ValueError(
+                "backend='triton' on CPU tensors runs under Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before importing triton, or use backend='reference'"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' supports CUDA (or CPU under TRITON_INTERPRET=1), got {device}")
+    return backend
+
+
+def _triton_module(name: str):
+    return importlib.import_module(f"sparse_attn.triton_kernels.{name}")
+
+
+# --------------------------------------------------------------------------------------------
+# The custom op
+# --------------------------------------------------------------------------------------------
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_mask(kv_num: Optional[Tensor], kv_idx: Optional[Tensor], q_num: Optional[Tensor]):
+    return None if kv_num is None else _expand(kv_num, kv_idx, q_num.shape[-1])
+
+
+@torch.library.custom_op("sparse_attn::sparse_attention", mutates_args=())
+def _sparse_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num: Optional[Tensor],
+    kv_idx: Optional[Tensor],
+    q_num: Optional[Tensor],
+    q_idx: Optional[Tensor],
+    block_q: int,
+    block_k: int,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_module("block_sparse_fwd").block_sparse_attn_fwd(
+            q, k, v, kv_num, kv_idx, block_q, block_k, causal, scale
+        )
+    return reference_forward(q, k, v, _block_mask(kv_num, kv_idx, q_num), (block_q, block_k), causal, scale)
+
+
+@_sparse_attention_op.register_fake
+def _(q, k, v, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale, backend):
+    b, hq, sq, d = q.shape
+    return q.new_empty(b, hq, sq, d), q.new_empty((b, hq, sq), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("sparse_attn::sparse_attention_backward", mutates_args=())
+def _sparse_attention_backward_op(
+    dout: Tensor,
+    dlse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    kv_num: Optional[Tensor],
+    kv_idx: Optional[Tensor],
+    q_num: Optional[Tensor],
+    q_idx: Optional[Tensor],
+    block_q: int,
+    block_k: int,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_module("block_sparse_bwd").block_sparse_attn_bwd(
+            dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale
+        )
+    return reference_backward(
+        dout, dlse, q, k, v, lse, _block_mask(kv_num, kv_idx, q_num), (block_q, block_k), causal, scale
+    )
+
+
+@_sparse_attention_backward_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx)
+    ctx.args = (block_q, block_k, causal, scale, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx = ctx.saved_tensors
+    dq, dk, dv = _sparse_attention_backward_op(
+        dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, *ctx.args
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+def _check_tensors(q, k, v, backend: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
+    allowed = _KERNEL_DTYPES + ((torch.float64,) if backend == "reference" else ())
+    if q.dtype not in allowed:
+        raise TypeError(f"q must have dtype in {allowed} for backend={backend!r}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    b, hq, _, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape [B, Hkv, Sk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b:
+        raise ValueError(f"k/v batch size {k.shape[0]} does not match q's {b}")
+    if k.shape[3] != d:
+        raise ValueError(f"k/v head dim {k.shape[3]} does not match q's {d}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+    if d == 0:
+        raise ValueError("head dim D must be positive")
+    if backend in ("triton", "cuda") and d > _MAX_KERNEL_HEAD_DIM:
+        raise ValueError(
+            f"head dim D={d} is not supported by backend={backend!r} (at most {_MAX_KERNEL_HEAD_DIM}); "
+            "use backend='reference'"
+        )
+
+
+def _check_layout(layout, q: Tensor, k: Tensor) -> None:
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout or None, got {type(layout).__name__}")
+    b, hq, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    bl, hl, mq, mk = layout.shape
+    bq, bk = layout.block_size
+    if layout.device != q.device:
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
+    if (layout.seq_q, layout.seq_k) != (sq, sk):
+        raise ValueError(
+            f"layout was built for seq_q={layout.seq_q}, seq_k={layout.seq_k} but q/k have Sq={sq}, Sk={sk}"
+        )
+    if mq != -(-sq // bq) or mk != -(-sk // bk):
+        raise ValueError(f"layout has {mq}x{mk} blocks; Sq={sq}, Sk={sk} with blocks {bq}x{bk} need "
+                         f"{-(-sq // bq)}x{-(-sk // bk)}")
+    if bl not in (1, b):
+        raise ValueError(f"layout batch dim must be 1 or B={b}, got {bl}")
+    if hl not in (1, hkv, hq):
+        raise ValueError(f"layout head dim must be 1, Hkv={hkv} or Hq={hq}, got {hl}")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Optional[BlockSparseLayout] = None,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Block-sparse scaled-dot-product attention, differentiable.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (GQA/MQA:
+            query head ``h`` reads K/V head ``h // (Hq // Hkv)``; K/V are never repeated).
+            fp16, bf16 or fp32 (fp64 with ``backend="reference"``). Any strides with a unit
+            last stride are used in place (``[B, S, H, D]`` storage passed as
+            ``.transpose(1, 2)`` is free); others are copied.
+        layout: a :class:`BlockSparseLayout` built for ``(Sq, Sk)``; ``None`` = dense.
+        causal: also mask keys after the query, bottom-right aligned: query ``i`` sees key
+            ``j`` iff ``j <= i + (Sk - Sq)``. For ``Sq = 2, Sk = 4``::
+
+                1 1 1 0
+                1 1 1 1
+
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp ``[B, Hq, Sq]`` (fp32, natural log). It is
+            differentiable too.
+        backend: ``"auto"`` (fastest available on CUDA tensors, the reference on CPU),
+            ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"reference"``, or
+            ``"cuda"`` (reserved for the CUDA C++ kernels; raises until they ship).
+
+    Returns:
+        ``out [B, Hq, Sq, D]`` in q's dtype, or ``(out, lse)``. A query row that sees no
+        key gets output 0, lse ``-inf`` and zero gradients.
+
+    Example::
+
+        >>> q = torch.randn(1, 4, 256, 64); k = v = torch.randn(1, 2, 256, 64)
+        >>> mask = torch.rand(1, 2, 4, 4) < 0.5
+        >>> layout = BlockSparseLayout.from_block_mask(mask, block_size=64)
+        >>> sparse_attention(q, k, v, layout).shape
+        torch.Size([1, 4, 256, 64])
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    resolved = _resolve_backend(backend, q.device)
+    _check_tensors(q, k, v, resolved)
+    if layout is not None:
+        _check_layout(layout, q, k)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        resolved = "reference"  # nothing for a kernel to do; the reference gives the empty/zero result
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+    if layout is None:
+        tensors = (None, None, None, None)
+        block_q = block_k = 64
+    else:
+        tensors = (layout.kv_num, layout.kv_idx, layout.q_num, layout.q_idx)
+        block_q, block_k = layout.block_size
+    out, lse = _sparse_attention_op(q, k, v, *tensors, block_q, block_k, causal, float(scale), resolved)
+    return (out, lse) if return_lse else out

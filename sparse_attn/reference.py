@@ -1,0 +1,207 @@
+"""The reference implementation: exact block-sparse attention in PyTorch.
+
+This is the oracle every kernel is tested against and the CPU path of
+``sparse_attention``. It accumulates in fp32 (fp64 for fp64 inputs) and works
+``chunk_size`` query rows at a time, forward and backward (the backward recomputes
+the probabilities per chunk), so its memory is O(chunk_size * Sk), never
+O(Sq * Sk): it can check 16k-token problems on a CPU.
+
+Semantics (shared by every backend), with ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]``:
+query ``i`` may see key ``j`` iff block ``(i // bq, j // bk)`` is kept in the layout and,
+when ``causal``, ``j <= i + (Sk - Sq)`` (bottom-right aligned, as FlashAttention 2).
+For ``Sq = 3, Sk = 5`` the causal part is::
+
+    1 1 1 0 0
+    1 1 1 1 0
+    1 1 1 1 1
+
+A row that sees no key gets output 0, log-sum-exp ``-inf`` and zero gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .layout import BlockSparseLayout
+
+__all__ = ["reference_attention", "reference_forward", "reference_backward"]
+
+# Elements of the [B, Hq, chunk, Sk] score tile the reference materialises at once.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(b: int, hq: int, sq: int, sk: int, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, min(sq, _CHUNK_ELEMENTS // max(1, b * hq * sk)))
+
+
+def _allowed(
+    block_mask: Optional[torch.Tensor],
+    block_size: Tuple[int, int],
+    rows: torch.Tensor,
+    sq: int,
+    sk: int,
+    hq: int,
+    causal: bool,
+) -> Optional[torch.Tensor]:
+    """Boolean ``[Bl|1, Hq|1, C, Sk]`` mask of what the query ``rows`` may see (None = all)."""
+    cols = torch.arange(sk, device=rows.device)
+    allowed = None
+    if block_mask is not None:
+        bq, bk = block_size
+        m = block_mask[:, :, rows // bq][:, :, :, cols // bk]  # [Bl, Hl, C, Sk]
+        hl = m.shape[1]
+        if hl not in (1, hq):
+            m = m.repeat_interleave(hq // hl, dim=1)
+        allowed = m
+    if causal:
+        c = (cols[None, :] <= rows[:, None] + (sk - sq))[None, None]  # [1, 1, C, Sk]
+        allowed = c if allowed is None else allowed & c
+    return allowed
+
+
+def _expand_kv(t: torch.Tensor, hq: int, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).repeat_interleave(hq // t.shape[1], dim=1)
+
+
+def _scores(qc, kf, scale, allowed):
+    s = torch.matmul(qc, kf.transpose(-1, -2)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def reference_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: Optional[torch.Tensor] = None,
+    block_size: Tuple[int, int] = (64, 64),
+    causal: bool = True,
+    scale: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass, no autograd. Returns ``out [B, Hq, Sq, D]`` (q's dtype) and
+    ``lse [B, Hq, Sq]`` (float32, or float64 for fp64 inputs; natural log).
+
+    ``block_mask`` is a boolean ``[Bl, Hl, Mq, Mk]`` block mask (None = dense).
+    """
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    kf, vf = _expand_kv(k, hq, acc), _expand_kv(v, hq, acc)
+    out = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, sq, dtype=acc, device=q.device)
+    step = _chunk_rows(b, hq, sq, sk, chunk_size)
+    for i0 in range(0, sq, step):
+        rows = torch.arange(i0, min(i0 + step, sq), device=q.device)
+        allowed = _allowed(block_mask, block_size, rows, sq, sk, hq, causal)
+        s = _scores(q[:, :, i0 : i0 + step].to(acc), kf, scale, allowed)
+        m = torch.logsumexp(s, dim=-1)  # -inf on rows that see nothing
+        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m).unsqueeze(-1))
+        out[:, :, i0 : i0 + step] = torch.matmul(p, vf).to(q.dtype)
+        lse[:, :, i0 : i0 + step] = m
+    return out, lse
+
+
+def reference_backward(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    block_mask: Optional[torch.Tensor] = None,
+    block_size: Tuple[int, int] = (64, 64),
+    causal: bool = True,
+    scale: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of the forward above, recomputing the probabilities
+    chunk by chunk. ``dlse`` (optional, ``[B, Hq, Sq]``) is the gradient flowing into
+    the log-sum-exp output."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    kf, vf = _expand_kv(k, hq, acc), _expand_kv(v, hq, acc)
+    dq = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(b, hq, sk, d, dtype=acc, device=q.device)
+    dv = torch.zeros(b, hq, sk, d, dtype=acc, device=q.device)
+    step = _chunk_rows(b, hq, sq, sk, chunk_size)
+    for i0 in range(0, sq, step):
+        sl = slice(i0, i0 + step)
+        rows = torch.arange(i0, min(i0 + step, sq), device=q.device)
+        allowed = _allowed(block_mask, block_size, rows, sq, sk, hq, causal)
+        qc, doc = q[:, :, sl].to(acc), dout[:, :, sl].to(acc)
+        s = _scores(qc, kf, scale, allowed)
+        m = lse[:, :, sl].to(acc)
+        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m).unsqueeze(-1))  # [B, Hq, C, Sk]
+        dv += torch.matmul(p.transpose(-1, -2), doc)
+        dp = torch.matmul(doc, vf.transpose(-1, -2))
+        delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(dO * O), without O's rounding
+        if dlse is not None:
+            delta = delta - dlse[:, :, sl].to(acc).unsqueeze(-1)
+        ds = p * (dp - delta) * scale
+        dq[:, :, sl] = torch.matmul(ds, kf).to(q.dtype)
+        dk += torch.matmul(ds.transpose(-1, -2), qc)
+    group = hq // hkv
+    dk = dk.view(b, hkv, group, sk, d).sum(2).to(k.dtype)
+    dv = dv.view(b, hkv, group, sk, d).sum(2).to(v.dtype)
+    return dq, dk, dv
+
+
+class _ReferenceAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, block_size, causal, scale, chunk_size):
+        out, lse = reference_forward(q, k, v, block_mask, block_size, causal, scale, chunk_size)
+        ctx.save_for_backward(q, k, v, lse, block_mask)
+        ctx.args = (block_size, causal, scale, chunk_size)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, lse, block_mask = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        dq, dk, dv = reference_backward(dout, dlse, q, k, v, lse, block_mask, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Optional[BlockSparseLayout] = None,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Exact block-sparse attention with autograd (the oracle).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0``.
+        layout: a :class:`BlockSparseLayout` for ``(Sq, Sk)``, or None for dense.
+        causal: bottom-right aligned causal mask (``j <= i + Sk - Sq``).
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return ``lse [B, Hq, Sq]`` (fp32, natural log), differentiable.
+        chunk_size: query rows per chunk (default: about 4M score elements per chunk).
+
+    No input validation: call through :func:`sparse_attn.sparse_attention` with
+    ``backend="reference"`` for that.
+    """
+    block_mask = None if layout is None else layout.to_block_mask()
+    block_size = (64, 64) if layout is None else layout.block_size
+    out, lse = _ReferenceAttention.apply(q, k, v, block_mask, block_size, causal, scale, chunk_size)
+    return (out, lse) if return_lse else out
+

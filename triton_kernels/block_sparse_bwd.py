@@ -1,0 +1,330 @@
+"""Block-sparse flash-attention backward, without atomics.
+
+Three launches:
+
+1. ``_bwd_preprocess``: ``delta = rowsum(dO * O) - dLSE`` per query row (fp32).
+2. ``_bwd_dkdv_kernel``: one program per (key tile, batch, K/V head). It walks the query
+   blocks of the *transposed* layout (``q_num``/``q_idx``) for every query head of its
+   GQA group and accumulates dK, dV in registers, so no two programs write one tile.
+3. ``_bwd_dq_kernel``: one program per (query tile, batch, query head), walking the
+   key blocks of the layout row, like the forward.
+
+The probabilities are recomputed from the saved log-sum-exp. A row that saw nothing
+(lse = -inf) is treated as lse = +inf, so every one of its probabilities is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse_fwd import LOG2E, dot_precision, head_block, layout_args
+from .configs import tile_config
+
+
+@triton.jit
+def _bwd_preprocess(
+    O, DO, DLSE, DELTA,
+    stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+    H_Q, seq_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H_Q
+    i_h = i_bh % H_Q
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_o = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    p_do = DO + i_b.to(tl.int64) * stride_db + i_h.to(tl.int64) * stride_dh
+    b_o = tl.load(p_o + offs_m[:, None] * stride_om + offs_d[None, :], mask=m_o, other=0.0).to(tl.float32)
+    b_do = tl.load(p_do + offs_m[:, None] * stride_dm + offs_d[None, :], mask=m_o, other=0.0).to(tl.float32)
+    b_delta = tl.sum(b_o * b_do, 1)  # [BM]
+    row = i_bh.to(tl.int64) * seq_q + offs_m
+    if HAS_DLSE:
+        b_delta -= tl.load(DLSE + row, mask=offs_m < seq_q, other=0.0)
+    tl.store(DELTA + row, b_delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, row_base, offs_m, seq_q):
+    """(lse in log2 domain with -inf -> +inf, delta) for rows ``offs_m``."""
+    b_lse = tl.load(LSE + row_base + offs_m, mask=offs_m < seq_q, other=float("-inf")) * 1.4426950408889634
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    b_delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seq_q, other=0.0)
+    return b_lse, b_delta
+
+
+@triton.jit
+def _dkdv_tile(
+    b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+    start_m, offs_n, offs_d, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Add query rows ``[start_m, start_m + BLOCK_M)``'s share to dK, dV of this key tile."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    b_q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+    b_do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+    b_lse, b_delta = _load_row_stats(LSE, DELTA, row_base, offs_m, seq_q)
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
+    keep = (offs_n[:, None] < seq_k) & (offs_m[None, :] < seq_q)
+    if CAUSAL:
+        keep = keep & (offs_n[:, None] <= offs_m[None, :] + (seq_k - seq_q))
+    b_st = tl.where(keep, b_st, float("-inf"))
+    b_pt = tl.math.exp2(b_st - b_lse[None, :])  # [BN, BM]
+    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)  # [BN, BM]
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_nb, stride_nh,
+    stride_ib, stride_ih, stride_im,
+    H_Q, H_KV, GROUP, LAYOUT_GROUP, seq_q, seq_k, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H_KV
+    i_hk = i_bh % H_KV
+    n0 = i_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_kv = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    b_k = tl.load(p_k + offs_n[:, None] * stride_kn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_v = tl.load(p_v + offs_n[:, None] * stride_vn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # The first query row that may see key n0 (0 unless causal).
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(0, n0 - (seq_k - seq_q))
+
+    for g in range(GROUP):
+        i_h = i_hk * GROUP + g
+        q_base = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+        do_base = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+        row_base = (i_b * H_Q + i_h).to(tl.int64) * seq_q
+        if DENSE:
+            for start_m in range((lo // BLOCK_M) * BLOCK_M, seq_q, BLOCK_M):
+                b_dk, b_dv = _dkdv_tile(
+                    b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+                    start_m, offs_n, offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, UPCAST, DOT_PREC,
+                )
+        else:
+            i_lh = i_h // LAYOUT_GROUP
+            col = n0 // BK
+            n_blocks = tl.load(Q_NUM + i_b * stride_nb + i_lh * stride_nh + col)
+            p_idx = Q_IDX + i_b * stride_ib + i_lh * stride_ih + col * stride_im
+            for j in range(n_blocks):
+                i_r = tl.load(p_idx + j)
+                for sub in range(BQ // BLOCK_M):
+                    start_m = i_r * BQ + sub * BLOCK_M
+                    if (start_m < seq_q) & (start_m + BLOCK_M > lo):
+                        b_dk, b_dv = _dkdv_tile(
+                            b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+                            start_m, offs_n, offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, UPCAST,
+                            DOT_PREC,
+                        )
+
+    p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
+    p_dv = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+    tl.store(p_dk + offs_n[:, None] * stride_dkn + offs_d[None, :], (b_dk * scale).to(DK.dtype.element_ty), mask=m_kv)
+    tl.store(p_dv + offs_n[:, None] * stride_dvn + offs_d[None, :], b_dv.to(DV.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def _dq_tile(
+    b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn,
+    start_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Add keys ``[start_n, start_n + BLOCK_N)``'s share to dQ of this query tile."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    m_kv = (o_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
+    b_k = tl.load(k_base + o_n[:, None] * stride_kn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_v = tl.load(v_base + o_n[:, None] * stride_vn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
+    keep = o_n[None, :] < seq_k
+    if CAUSAL:
+        keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+    b_s = tl.where(keep, b_s, float("-inf"))
+    b_p = tl.math.exp2(b_s - b_lse[:, None])
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_nb, stride_nh,
+    stride_ib, stride_ih, stride_im,
+    H_Q, GROUP, LAYOUT_GROUP, seq_q, seq_k, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H_Q
+    i_h = i_bh % H_Q
+    i_hk = i_h // GROUP
+    m0 = i_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    b_q = tl.load(p_q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+    b_do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    b_lse, b_delta = _load_row_stats(LSE, DELTA, i_bh.to(tl.int64) * seq_q, offs_m, seq_q)
+    k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
+    if DENSE:
+        for start_n in range(0, hi, BLOCK_N):
+            b_dq = _dq_tile(
+                b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
+            )
+    else:
+        i_lh = i_h // LAYOUT_GROUP
+        row = m0 // BQ
+        n_blocks = tl.load(KV_NUM + i_b * stride_nb + i_lh * stride_nh + row)
+        p_idx = KV_IDX + i_b * stride_ib + i_lh * stride_ih + row * stride_im
+        for j in range(n_blocks):
+            i_c = tl.load(p_idx + j)
+            for sub in range(BK // BLOCK_N):
+                start_n = i_c * BK + sub * BLOCK_N
+                if start_n < hi:
+                    b_dq = _dq_tile(
+                        b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m,
+                        offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
+                    )
+
+    p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    tl.store(p_dq + offs_m[:, None] * stride_dqm + offs_d[None, :], (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q)
+
+
+def block_sparse_attn_bwd(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num: Optional[torch.Tensor],
+    kv_idx: Optional[torch.Tensor],
+    q_num: Optional[torch.Tensor],
+    q_idx: Optional[torch.Tensor],
+    block_q: int,
+    block_k: int,
+    causal: bool,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward; returns contiguous ``(dq, dk, dv)`` in the inputs' dtypes.
+
+    Shapes as in :func:`block_sparse_attn_fwd`; ``out``/``lse`` are the forward's outputs,
+    ``dlse [B, Hq, Sq]`` (optional) the gradient reaching the log-sum-exp."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    dense = kv_num is None
+    block_d = head_block(d)
+    big = 128
+    bq, bk = (big, big) if dense else (block_q, block_k)
+    cfg = tile_config(q.device, "bwd", block_d, bq, bk)
+    interp = q.device.type == "cpu"
+    prec = dot_precision(q.dtype)
+    lse = lse.contiguous()
+    if dout.stride(-1) != 1:  # e.g. the expanded ones of `out.sum().backward()`
+        dout = dout.contiguous()
+
+    delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    pre_m = 64
+    has_dlse = dlse is not None
+    _bwd_preprocess[(triton.cdiv(sq, pre_m), b * hq)](
+        out, dout, dlse.float().contiguous() if has_dlse else None, delta,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        hq, sq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse,
+    )
+
+    dq = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(b, hkv, sk, d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(b, hkv, sk, d, dtype=v.dtype, device=q.device)
+    common_strides = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+    )
+    flags = dict(CAUSAL=causal, DENSE=dense, UPCAST=interp, DOT_PREC=prec,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    # dK/dV: key tiles of BLOCK_N (<= bk), query tiles of BLOCK_M (<= bq), transposed layout.
+    num, idx, snb, snh, sib, sih, sim, layout_group = layout_args(q_num, q_idx, hq)
+    _bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n), b * hkv)](
+        q, k, v, dout, lse, delta, dk, dv, num, idx, *common_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        snb, snh, sib, sih, sim,
+        hq, hkv, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BQ=cfg.block_m if dense else bq, BK=cfg.block_n if dense else bk, **flags,
+    )
+
+    # dQ: the transpose of the dK/dV tile shape (many query rows, few keys per step).
+    dq_m, dq_n = min(cfg.block_n, bq), min(cfg.block_m, bk)
+    num, idx, snb, snh, sib, sih, sim, layout_group = layout_args(kv_num, kv_idx, hq)
+    _bwd_dq_kernel[(triton.cdiv(sq, dq_m), b * hq)](
+        q, k, v, dout, lse, delta, dq, num, idx, *common_strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        snb, snh, sib, sih, sim,
+        hq, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=dq_m, BLOCK_N=dq_n,
+        BQ=dq_m if dense else bq, BK=dq_n if dense else bk, **flags,
+    )
+    return dq, dk, dv
