@@ -1,0 +1,152 @@
+"""Small shared helpers for the sparse_attn tests (importable as ``from helpers import ...``).
+
+Everything here is deliberately naive and independent of ``sparse_attn``: the element
+mask is built by plain block expansion, and ``naive_attention`` materialises the whole
+``[Sq, Sk]`` score matrix, so it can serve as an oracle for the reference and kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "TOLERANCES",
+    "tolerances",
+    "random_block_mask",
+    "element_mask",
+    "naive_attention",
+    "make_qkv",
+    "assert_no_nan",
+]
+
+# Per-dtype tolerances for outputs / lse and for gradients, when comparing a result
+# computed in ``dtype`` (with fp32 accumulation) against an fp64 oracle.
+TOLERANCES = {
+    torch.float64: {"out": dict(atol=1e-10, rtol=1e-10), "grad": dict(atol=1e-9, rtol=1e-9)},
+    torch.float32: {"out": dict(atol=2e-5, rtol=2e-5), "grad": dict(atol=1e-4, rtol=1e-4)},
+    torch.float16: {"out": dict(atol=2e-3, rtol=2e-3), "grad": dict(atol=1e-2, rtol=1e-2)},
+    torch.bfloat16: {"out": dict(atol=1.6e-2, rtol=1.6e-2), "grad": dict(atol=6e-2, rtol=5e-2)},
+}
+
+
+def tolerances(dtype: torch.dtype, kind: str = "out") -> dict:
+    """``dict(atol=..., rtol=...)`` for ``kind`` in {"out", "grad"} (use "out" for lse too)."""
+    return dict(TOLERANCES[dtype][kind])
+
+
+def random_block_mask(
+    Bl: int,
+    Hl: int,
+    Mq: int,
+    Mk: int,
+    density: float = 0.5,
+    generator: Optional[torch.Generator] = None,
+    ensure_empty_rows: bool = True,
+    ensure_full_rows: bool = False,
+    device=None,
+) -> torch.Tensor:
+    """Random boolean block mask ``[Bl, Hl, Mq, Mk]``.
+
+    With ``ensure_empty_rows`` (and ``Mq >= 2``) one random query-block row of every
+    ``(b, h)`` (never row 0) is cleared, so the "row sees nothing" path is always
+    exercised. With ``ensure_full_rows`` another row (a different one; needs ``Mq >= 3``
+    when empty rows are also requested) is set entirely.
+    """
+    mask = torch.rand(Bl, Hl, Mq, Mk, generator=generator) < density
+    for b in range(Bl):
+        for h in range(Hl):
+            empty = None
+            if ensure_empty_rows and Mq >= 2:
+                empty = int(torch.randint(1, Mq, (1,), generator=generator))
+                mask[b, h, empty] = False
+            if ensure_full_rows:
+                full = Mq - 1 if empty is None else (empty + 1 if empty + 1 < Mq else 1)
+                if full != empty:
+                    mask[b, h, full] = True
+    return mask.to(device) if device is not None else mask
+
+
+def element_mask(
+    block_mask: Optional[torch.Tensor],
+    bq: int,
+    bk: int,
+    Sq: int,
+    Sk: int,
+    Hq: int,
+    causal: bool,
+) -> torch.Tensor:
+    """Boolean ``[Bl, Hq, Sq, Sk]`` mask of which key each query may see (``Bl``/heads
+    of size 1 when the block mask is shared / ``None``).
+
+    Query ``i`` sees key ``j`` iff block ``(i // bq, j // bk)`` is kept and, if causal,
+    ``j <= i + (Sk - Sq)``. A layout with ``Hl`` heads, ``1 < Hl < Hq``, is shared by
+    groups of ``Hq // Hl`` consecutive query heads.
+    """
+    if block_mask is None:
+        m = torch.ones(1, 1, Sq, Sk, dtype=torch.bool)
+    else:
+        bm = block_mask.bool()
+        Bl, Hl, Mq, Mk = bm.shape
+        assert Mq == -(-Sq // bq) and Mk == -(-Sk // bk), "block mask does not fit the sequence lengths"
+        m = bm.repeat_interleave(bq, dim=2)[:, :, :Sq].repeat_interleave(bk, dim=3)[:, :, :, :Sk]
+        if Hl not in (1, Hq):
+            assert Hq % Hl == 0
+            m = m.repeat_interleave(Hq // Hl, dim=1)
+    if causal:
+        i = torch.arange(Sq, device=m.device)[:, None]
+        j = torch.arange(Sk, device=m.device)[None, :]
+        m = m & (j <= i + (Sk - Sq))
+    return m.contiguous()
+
+
+def naive_attention(q, k, v, elem_mask=None, scale=None, return_lse=False):
+    """Dense masked softmax attention (materialises all ``[Sq, Sk]`` scores), in the dtype
+    of the inputs; differentiable (no NaN in forward or backward on empty rows).
+
+    ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` (GQA: key head ``h // (Hq // Hkv)``),
+    ``elem_mask`` broadcastable to ``[B, Hq, Sq, Sk]`` (True = may attend) or None.
+    Rows that see nothing give output 0 and lse ``-inf``.
+    Returns ``out`` (or ``(out, lse)`` with ``return_lse=True``).
+    """
+    Hq, D = q.shape[1], q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    group = Hq // k.shape[1]
+    kx = k.repeat_interleave(group, dim=1)
+    vx = v.repeat_interleave(group, dim=1)
+    s = (q @ kx.transpose(-1, -2)) * scale
+    if elem_mask is not None:
+        s = s.masked_fill(~elem_mask.to(s.device), float("-inf"))
+    row_max = s.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    e = torch.exp(s - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    p = e / safe
+    out = p @ vx
+    if not return_lse:
+        return out
+    lse = (row_max + torch.log(safe)).squeeze(-1)
+    lse = lse.masked_fill(empty.squeeze(-1), float("-inf"))
+    return out, lse
+
+
+def make_qkv(
+    B, Hq, Hkv, Sq, Sk, D, dtype=torch.float32, device="cpu", generator=None, requires_grad=False, scale=1.0
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q ``[B, Hq, Sq, D]``, k, v ``[B, Hkv, Sk, D]`` (drawn in fp32 on the CPU,
+    then cast and moved, so every dtype sees the same values up to rounding)."""
+    q = torch.randn(B, Hq, Sq, D, generator=generator) * scale
+    k = torch.randn(B, Hkv, Sk, D, generator=generator) * scale
+    v = torch.randn(B, Hkv, Sk, D, generator=generator)
+    return tuple(t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def assert_no_nan(*tensors, names=None):
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        name = names[i] if names else f"tensor {i}"
+        assert not torch.isnan(t).any(), f"{name} contains NaN"
