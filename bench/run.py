@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sparse_attn import BlockSparseLayout, sparse_attention  # noqa: E402
+from sparse_attn.layout import compress_block_mask  # noqa: E402
 
 # Columns of every result row, in CSV / JSON order.
 COLUMNS = [
@@ -379,13 +380,6 @@ def run_case_sdpa(case, data, env: Env) -> List[Dict[str, Any]]:
     return rows
 
 
-def _compress(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """bool [..., M, N] -> (int32 counts [..., M], int32 ascending kept indices [..., M, N])."""
-    num = mask.sum(-1, dtype=torch.int32)
-    idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return num.contiguous(), idx.contiguous()
-
-
 def flex_block_mask(case, data, env: Env):
     """FlexAttention BlockMask for (the same block mask) AND causal, BLOCK_SIZE = case block.
 
@@ -419,8 +413,8 @@ def flex_block_mask(case, data, env: Env):
     # inside a block stay partial (as create_block_mask does).
     full = kept & (data["counts"] == bs * bs)
     partial = kept & ~full
-    kv_num, kv_idx = _compress(partial.unsqueeze(0))
-    full_num, full_idx = _compress(full.unsqueeze(0))
+    kv_num, kv_idx = compress_block_mask(partial.unsqueeze(0))
+    full_num, full_idx = compress_block_mask(full.unsqueeze(0))
     dev = env.device
     kwargs = dict(BLOCK_SIZE=bs, mask_mod=mask_mod)
     if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["BlockSparseLayout", "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["BlockSparseLayout", "SUPPORTED_BLOCK_SIZES", "compress_block_mask"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -56,7 +56,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _compress(block_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def compress_block_mask(block_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """bool [..., M, N] -> (counts int32 [..., M], ascending kept indices int32 [..., M, N]).
 
     A stable sort of ``~mask`` puts the kept columns first, in ascending order,
@@ -156,8 +156,8 @@ class BlockSparseLayout:
         self.block_size: Tuple[int, int] = block_size
         self.seq_q: int = seq_q
         self.seq_k: int = seq_k
-        self.kv_num, self.kv_idx = _compress(block_mask)
-        self.q_num, self.q_idx = _compress(block_mask.transpose(-1, -2))
+        self.kv_num, self.kv_idx = compress_block_mask(block_mask)
+        self.q_num, self.q_idx = compress_block_mask(block_mask.transpose(-1, -2))
 
     @classmethod
     def from_block_mask(

@@ -50,9 +50,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type != "cuda":
-            return "reference"
-        return "triton"
+        return "triton" if device.type == "cuda" and _HAS_TRITON else "reference"
     if backend == "cuda":
         # The name is reserved for the CUDA C++ kernels (csrc/), which are not part of this release.
         raise RuntimeError("backend='cuda': the CUDA C++ kernels are not built in this release; "
@@ -270,11 +268,8 @@ def sparse_attention(
         >>> sparse_attention(q, k, v, layout).shape
         torch.Size([1, 4, 256, 64])
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(q, Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     resolved = _resolve_backend(backend, q.device)
     _check_tensors(q, k, v, resolved)
     if layout is not None:

@@ -54,6 +54,8 @@ CASES = [
     Case(Sq=37, Sk=100), Case(Sq=129, Sk=37), Case(Sq=1, Sk=129), Case(Sq=1, Sk=37, causal=False),
     Case(Sq=37, Sk=37, dtype=torch.float16), Case(Sq=129, Sk=129, causal=False, dtype=torch.bfloat16),
     Case(Sq=100, Sk=129, Hq=4, Hkv=2, dtype=torch.float16),
+    # Sk - Sq = 30: the causal diagonal passes one key from a tile corner (off-by-one traps)
+    Case(Sq=34, Sk=64, density=1.0), Case(Sq=70, Sk=100, block=16, density=1.0), Case(Sq=34, Sk=64, Hl=0),
     # head dims (96 and 80 are padded to 128 in the kernel)
     Case(D=32), Case(D=96), Case(D=128, Sq=64, Sk=64), Case(D=80, dtype=torch.float16), Case(D=16, causal=False),
     # block sizes, rectangular blocks, per-batch layouts

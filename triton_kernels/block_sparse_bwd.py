@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, dot_precision, head_block, layout_args
+from .block_sparse_fwd import LOG2E, _tile_needs_mask, dot_precision, head_block, layout_args
 from .configs import tile_config
 
 
@@ -62,8 +62,8 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, seq_q):
 @triton.jit
 def _dkdv_tile(
     b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
-    start_m, offs_n, offs_d, seq_q, seq_k, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+    start_m, start_n, offs_n, offs_d, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Add query rows ``[start_m, start_m + BLOCK_M)``'s share to dK, dV of this key tile."""
@@ -76,10 +76,12 @@ def _dkdv_tile(
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
-    keep = (offs_n[:, None] < seq_k) & (offs_m[None, :] < seq_q)
-    if CAUSAL:
-        keep = keep & (offs_n[:, None] <= offs_m[None, :] + (seq_k - seq_q))
-    b_st = tl.where(keep, b_st, float("-inf"))
+    # Rows past seq_q need no mask: their lse loads as +inf, so their probabilities are 0.
+    if _tile_needs_mask(start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL):
+        keep = offs_n[:, None] < seq_k
+        if CAUSAL:
+            keep = keep & (offs_n[:, None] <= offs_m[None, :] + (seq_k - seq_q))
+        b_st = tl.where(keep, b_st, float("-inf"))
     b_pt = tl.math.exp2(b_st - b_lse[None, :])  # [BN, BM]
     b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)  # [BN, BM]
@@ -136,7 +138,8 @@ def _bwd_dkdv_kernel(
             for start_m in range((lo // BLOCK_M) * BLOCK_M, seq_q, BLOCK_M):
                 b_dk, b_dv = _dkdv_tile(
                     b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
-                    start_m, offs_n, offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, UPCAST, DOT_PREC,
+                    start_m, n0, offs_n, offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, UPCAST,
+                    DOT_PREC,
                 )
         else:
             i_lh = i_h // LAYOUT_GROUP
@@ -150,7 +153,7 @@ def _bwd_dkdv_kernel(
                     if (start_m < seq_q) & (start_m + BLOCK_M > lo):
                         b_dk, b_dv = _dkdv_tile(
                             b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
-                            start_m, offs_n, offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, CAUSAL, UPCAST,
+                            start_m, n0, offs_n, offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, UPCAST,
                             DOT_PREC,
                         )
 
@@ -163,7 +166,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn,
-    start_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
+    start_m, start_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -176,10 +179,11 @@ def _dq_tile(
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-    keep = o_n[None, :] < seq_k
-    if CAUSAL:
-        keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-    b_s = tl.where(keep, b_s, float("-inf"))
+    if _tile_needs_mask(start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL):
+        keep = o_n[None, :] < seq_k
+        if CAUSAL:
+            keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+        b_s = tl.where(keep, b_s, float("-inf"))
     b_p = tl.math.exp2(b_s - b_lse[:, None])
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])
@@ -228,7 +232,7 @@ def _bwd_dq_kernel(
     if DENSE:
         for start_n in range(0, hi, BLOCK_N):
             b_dq = _dq_tile(
-                b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
                 seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
             )
     else:
@@ -242,7 +246,7 @@ def _bwd_dq_kernel(
                 start_n = i_c * BK + sub * BLOCK_N
                 if start_n < hi:
                     b_dq = _dq_tile(
-                        b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m,
+                        b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m,
                         offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
                     )
 

@@ -23,9 +23,19 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _tile_needs_mask(start_m, start_n, BLOCK_N: tl.constexpr, seq_q, seq_k, CAUSAL: tl.constexpr):
+    """Whether keys ``[start_n, start_n + BLOCK_N)`` cross the sequence end or, for query rows
+    from ``start_m`` on, the causal diagonal. Tiles inside both skip the element masking."""
+    crosses = start_n + BLOCK_N > seq_k
+    if CAUSAL:
+        crosses = crosses | (start_n + BLOCK_N - 1 > start_m + (seq_k - seq_q))
+    return crosses
+
+
+@triton.jit
 def _fwd_tile(
     acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn,
-    start_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
+    start_m, start_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -37,10 +47,11 @@ def _fwd_tile(
     if UPCAST:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], log2 domain
-    keep = o_n[None, :] < seq_k
-    if CAUSAL:
-        keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-    b_s = tl.where(keep, b_s, float("-inf"))
+    if _tile_needs_mask(start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL):
+        keep = o_n[None, :] < seq_k
+        if CAUSAL:
+            keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+        b_s = tl.where(keep, b_s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
     # A row that has seen nothing yet keeps m = -inf; shift by 0 there so no inf - inf.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -98,7 +109,7 @@ def _fwd_kernel(
     if DENSE:
         for start_n in range(0, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
                 seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
             )
     else:
@@ -112,7 +123,7 @@ def _fwd_kernel(
                 start_n = i_c * BK + sub * BLOCK_N
                 if start_n < hi:
                     acc, l_i, m_i = _fwd_tile(
-                        acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                        acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
                         seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
                     )
 
