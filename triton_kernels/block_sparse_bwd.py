@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, _tile_needs_mask, dot_precision, head_block, layout_args
-from .configs import tile_config
+from .block_sparse_fwd import LOG2E, _tile_needs_mask, dot_precision, layout_args
+from .configs import gpu_family, kernel_tiles
 
 
 @triton.jit
@@ -278,12 +278,7 @@ def block_sparse_attn_bwd(
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     dense = kv_num is None
-    block_d = head_block(d)
-    big = 128
-    bq, bk = (big, big) if dense else (block_q, block_k)
-    cfg = tile_config(q.device, "bwd", block_d, bq, bk)
-    interp = q.device.type == "cpu"
-    prec = dot_precision(q.dtype)
+    family = gpu_family(q.device)
     lse = lse.contiguous()
     if dout.stride(-1) != 1:  # e.g. the expanded ones of `out.sum().backward()`
         dout = dout.contiguous()
@@ -291,10 +286,11 @@ def block_sparse_attn_bwd(
     delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     pre_m = 64
     has_dlse = dlse is not None
+    tiles = kernel_tiles(family, "dkdv", d, q.element_size(), block_q, block_k, dense)
     _bwd_preprocess[(triton.cdiv(sq, pre_m), b * hq)](
         out, dout, dlse.float().contiguous() if has_dlse else None, delta,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        hq, sq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse,
+        hq, sq, HEAD_DIM=d, BLOCK_D=tiles["BLOCK_D"], BLOCK_M=pre_m, HAS_DLSE=has_dlse,
     )
 
     dq = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
@@ -306,29 +302,25 @@ def block_sparse_attn_bwd(
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
     )
-    flags = dict(CAUSAL=causal, DENSE=dense, UPCAST=interp, DOT_PREC=prec,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    flags = dict(HEAD_DIM=d, CAUSAL=causal, DENSE=dense, UPCAST=q.device.type == "cpu",
+                 DOT_PREC=dot_precision(q.dtype))
 
-    # dK/dV: key tiles of BLOCK_N (<= bk), query tiles of BLOCK_M (<= bq), transposed layout.
+    # dK/dV: one program per key tile, walking the transposed layout.
     num, idx, snb, snh, sib, sih, sim, layout_group = layout_args(q_num, q_idx, hq)
-    _bwd_dkdv_kernel[(triton.cdiv(sk, cfg.block_n), b * hkv)](
+    _bwd_dkdv_kernel[(triton.cdiv(sk, tiles["BLOCK_N"]), b * hkv)](
         q, k, v, dout, lse, delta, dk, dv, num, idx, *common_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         snb, snh, sib, sih, sim,
-        hq, hkv, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BQ=cfg.block_m if dense else bq, BK=cfg.block_n if dense else bk, **flags,
+        hq, hkv, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale, **flags, **tiles,
     )
 
-    # dQ: the transpose of the dK/dV tile shape (many query rows, few keys per step).
-    dq_m, dq_n = min(cfg.block_n, bq), min(cfg.block_m, bk)
+    # dQ: one program per query tile, walking the layout's rows.
+    tiles = kernel_tiles(family, "dq", d, q.element_size(), block_q, block_k, dense)
     num, idx, snb, snh, sib, sih, sim, layout_group = layout_args(kv_num, kv_idx, hq)
-    _bwd_dq_kernel[(triton.cdiv(sq, dq_m), b * hq)](
+    _bwd_dq_kernel[(triton.cdiv(sq, tiles["BLOCK_M"]), b * hq)](
         q, k, v, dout, lse, delta, dq, num, idx, *common_strides,
         dq.stride(0), dq.stride(1), dq.stride(2),
         snb, snh, sib, sih, sim,
-        hq, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=dq_m, BLOCK_N=dq_n,
-        BQ=dq_m if dense else bq, BK=dq_n if dense else bk, **flags,
+        hq, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale, **flags, **tiles,
     )
     return dq, dk, dv

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import tile_config
+from .configs import gpu_family, kernel_tiles
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -136,11 +136,6 @@ def _fwd_kernel(
     tl.store(LSE + i_bh.to(tl.int64) * seq_q + offs_m, b_lse, mask=offs_m < seq_q)
 
 
-def head_block(d: int) -> int:
-    """Padded head dim the kernels work on (power of two, >= 16 for ``tl.dot``)."""
-    return max(16, triton.next_power_of_2(d))
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 dots; fp16/bf16 are unaffected by the flag."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -176,13 +171,11 @@ def block_sparse_attn_fwd(
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     dense = kv_num is None
-    block_d = head_block(d)
-    big = 128
-    cfg = tile_config(q.device, "fwd", block_d, big if dense else block_q, big if dense else block_k)
+    tiles = kernel_tiles(gpu_family(q.device), "fwd", d, q.element_size(), block_q, block_k, dense)
     out = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     num, idx, snb, snh, sib, sih, sim, layout_group = layout_args(kv_num, kv_idx, hq)
-    grid = (triton.cdiv(sq, cfg.block_m), b * hq)
+    grid = (triton.cdiv(sq, tiles["BLOCK_M"]), b * hq)
     _fwd_kernel[grid](
         q, k, v, out, lse, num, idx,
         q.stride(0), q.stride(1), q.stride(2),
@@ -191,9 +184,7 @@ def block_sparse_attn_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         snb, snh, sib, sih, sim,
         hq, hq // hkv, layout_group, sq, sk, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BQ=cfg.block_m if dense else block_q, BK=cfg.block_n if dense else block_k,
-        CAUSAL=causal, DENSE=dense, UPCAST=q.device.type == "cpu", DOT_PREC=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=d, CAUSAL=causal, DENSE=dense, UPCAST=q.device.type == "cpu", DOT_PREC=dot_precision(q.dtype),
+        **tiles,
     )
     return out, lse

@@ -50,15 +50,40 @@ _TABLE: Dict[Tuple[str, str, int], TileConfig] = {
 }
 
 
-def _family(device: torch.device) -> str:
+def gpu_family(device: torch.device) -> str:
+    """The row of the table a device uses: "hopper" (sm_90+), "ampere" (older GPUs) or
+    "interpret" (CPU tensors under TRITON_INTERPRET=1)."""
     if device.type != "cuda":
         return "interpret"
     major, _ = torch.cuda.get_device_capability(device)
     return "hopper" if major >= 9 else "ampere"
 
 
-def tile_config(device: torch.device, which: str, block_d: int, bq: int, bk: int) -> TileConfig:
-    """The tile for pass ``which`` ("fwd" or "bwd"), clipped to the layout block ``(bq, bk)``."""
+def tile_config(family: str, which: str, block_d: int, bq: int, bk: int, elem_bytes: int = 2) -> TileConfig:
+    """The tile for pass ``which`` ("fwd" or "bwd"), clipped to the layout block ``(bq, bk)``.
+
+    fp32 operands (``elem_bytes == 4``) take twice the shared memory per tile, so they get
+    half the key tile and one pipeline stage less.
+    """
     bucket = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-    cfg = _TABLE[(_family(device), which, bucket)]
-    return TileConfig(min(cfg.block_m, bq), min(cfg.block_n, bk), cfg.num_warps, cfg.num_stages)
+    cfg = _TABLE[(family, which, bucket)]
+    block_n, stages = cfg.block_n, cfg.num_stages
+    if elem_bytes == 4 and family != "interpret":
+        block_n, stages = max(16, block_n // 2), max(1, stages - 1)
+    return TileConfig(min(cfg.block_m, bq), min(block_n, bk), cfg.num_warps, stages)
+
+
+def kernel_tiles(family: str, kernel: str, head_dim: int, elem_bytes: int, block_q: int, block_k: int,
+                 dense: bool) -> dict:
+    """Launch parameters (tile constexprs + warps/stages) of ``kernel`` in {"fwd", "dkdv", "dq"}.
+
+    A dense launch has no layout block, so its tiles are the table's and ``BQ``/``BK`` (the
+    layout block the kernel steps over) equal them. dQ uses the transpose of the dK/dV tile:
+    many query rows, few keys per step.
+    """
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    bq, bk = (128, 128) if dense else (block_q, block_k)
+    cfg = tile_config(family, "fwd" if kernel == "fwd" else "bwd", block_d, bq, bk, elem_bytes)
+    bm, bn = (min(cfg.block_n, bq), min(cfg.block_m, bk)) if kernel == "dq" else (cfg.block_m, cfg.block_n)
+    return dict(BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, BQ=bm if dense else bq, BK=bn if dense else bk,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
