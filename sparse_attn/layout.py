@@ -56,6 +56,17 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _seq_lengths(seq_q, seq_k, bq: int, bk: int, mq: int, mk: int, what: str) -> Tuple[int, int]:
+    """Sequence lengths (default: whole blocks), checked against the ``mq x mk`` block grid."""
+    seq_q = mq * bq if seq_q is None else int(seq_q)
+    seq_k = mk * bk if seq_k is None else int(seq_k)
+    if _ceil_div(seq_q, bq) != mq:
+        raise ValueError(f"seq_q={seq_q} needs {_ceil_div(seq_q, bq)} query blocks of {bq}, {what} has Mq={mq}")
+    if _ceil_div(seq_k, bk) != mk:
+        raise ValueError(f"seq_k={seq_k} needs {_ceil_div(seq_k, bk)} key blocks of {bk}, {what} has Mk={mk}")
+    return seq_q, seq_k
+
+
 def compress_block_mask(block_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """bool [..., M, N] -> (counts int32 [..., M], ascending kept indices int32 [..., M, N]).
 
@@ -138,12 +149,7 @@ class BlockSparseLayout:
         if num_key_blocks is None:
             num_key_blocks = _ceil_div(seq_k, bk) if seq_k is not None else kv_idx.shape[3]
         mk = int(num_key_blocks)
-        seq_q = mq * bq if seq_q is None else int(seq_q)
-        seq_k = mk * bk if seq_k is None else int(seq_k)
-        if _ceil_div(seq_q, bq) != mq:
-            raise ValueError(f"seq_q={seq_q} needs {_ceil_div(seq_q, bq)} query blocks of {bq}, layout has Mq={mq}")
-        if _ceil_div(seq_k, bk) != mk:
-            raise ValueError(f"seq_k={seq_k} needs {_ceil_div(seq_k, bk)} key blocks of {bk}, layout has Mk={mk}")
+        seq_q, seq_k = _seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "layout")
         if kv_idx.shape[3] > mk:
             raise ValueError(f"kv_idx has {kv_idx.shape[3]} slots per row but there are only Mk={mk} key blocks")
         if validate:
@@ -182,12 +188,7 @@ class BlockSparseLayout:
             block_mask = block_mask != 0
         bq, bk = _parse_block_size(block_size)
         mq, mk = block_mask.shape[2], block_mask.shape[3]
-        seq_q = mq * bq if seq_q is None else int(seq_q)
-        seq_k = mk * bk if seq_k is None else int(seq_k)
-        if _ceil_div(seq_q, bq) != mq:
-            raise ValueError(f"seq_q={seq_q} needs {_ceil_div(seq_q, bq)} query blocks of {bq}, block_mask has Mq={mq}")
-        if _ceil_div(seq_k, bk) != mk:
-            raise ValueError(f"seq_k={seq_k} needs {_ceil_div(seq_k, bk)} key blocks of {bk}, block_mask has Mk={mk}")
+        seq_q, seq_k = _seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "block_mask")
         layout = cls.__new__(cls)
         layout._init(block_mask, (bq, bk), seq_q, seq_k)
         return layout
