@@ -101,5 +101,5 @@ def test_kernels_compile_for_gpu(cc, dt, d, blocks, dense, causal, tmp_path, mon
             f"{name} needs {compiled.metadata.shared} B of shared memory on sm_{cc} (max {SMEM[cc]}), tiles {tiles}"
         )
     pre = _compile(bwd._bwd_preprocess, dict(O=ptr, DO=ptr, DLSE="*fp32", DELTA="*fp32"),
-                   dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_M=64, HAS_DLSE=True), cc, 4, 1)
+                   dict(HEAD_DIM=d, BLOCK_D=tiles["BLOCK_D"], BLOCK_M=64, HAS_DLSE=True), cc, 4, 1)
     assert pre.metadata.shared <= SMEM[cc]

@@ -19,7 +19,6 @@ import triton.language as tl
 from .configs import gpu_family, kernel_tiles
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
