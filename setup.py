@@ -5,7 +5,7 @@
 because the top-level import name ``triton_kernels`` belongs to the Triton project.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="sparse_attn",
@@ -15,12 +15,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["sparse_attn", "sparse_attn.triton_kernels"],
+    packages=find_packages(include=["sparse_attn", "sparse_attn.*"]) + ["sparse_attn.triton_kernels"],
     package_dir={"sparse_attn": "sparse_attn", "sparse_attn.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.5", "triton>=3.0"],
     extras_require={
         "test": ["pytest>=7", "numpy"],
         "bench": ["matplotlib", "numpy"],
+        "hf": ["transformers>=4.56", "safetensors"],
+        "train": ["transformers>=4.56", "safetensors", "tqdm"],
     },
+    entry_points={"console_scripts": ["sparse-attn=sparse_attn.cli:main"]},
     license="Apache-2.0",
 )

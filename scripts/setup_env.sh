@@ -10,12 +10,15 @@ if [ -n "${SPARSE_ATTN_PYTHON:-}" ]; then
   exit 0
 fi
 PY=.venv/bin/python
-if [ ! -x "$PY" ] || ! "$PY" -c "import torch, triton, pytest" 2>/dev/null \
+if [ ! -x "$PY" ] || ! "$PY" -c "import torch, triton, pytest, transformers, safetensors, matplotlib, tqdm" 2>/dev/null \
     || ! "$PY" -m pip show -q sparse_attn >/dev/null 2>&1; then
   python3 -m venv .venv >&2
   # Pin the CPU build first: an unpinned `torch` would pull a multi-GB CUDA build.
   "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" >&2
   "$PY" -m pip install -q --disable-pip-version-check triton pytest numpy >&2
+  # the Hugging Face drop-in, gate files, plots and progress bars (pinned: CI tests this set)
+  "$PY" -m pip install -q --disable-pip-version-check "transformers==5.23.0" "safetensors==0.8.0" \
+    "matplotlib==3.11.2" "tqdm==4.70.1" >&2
   "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >&2
 fi
 echo "$PY"

@@ -194,6 +194,31 @@ class BlockSparseLayout:
         return layout
 
     @classmethod
+    def _from_parts(
+        cls,
+        kv_num: torch.Tensor,
+        kv_idx: torch.Tensor,
+        q_num: torch.Tensor,
+        q_idx: torch.Tensor,
+        block_size: Tuple[int, int],
+        seq_q: int,
+        seq_k: int,
+    ) -> "BlockSparseLayout":
+        """Trusted constructor for pattern builders that produce both forms directly.
+
+        Unlike the public constructors nothing is checked and no ``[.., Mq, Mk]`` mask is
+        made, so index tensors may be narrower than ``Mk`` / ``Mq`` (``kv_idx [Bl, Hl, Mq, K]``,
+        ``q_idx [Bl, Hl, Mk, K']``): slots past the count are never read. ``q_num`` must have
+        ``Mk`` entries per row. The caller guarantees both forms describe the same mask.
+        """
+        layout = cls.__new__(cls)
+        layout.block_size = (int(block_size[0]), int(block_size[1]))
+        layout.seq_q, layout.seq_k = int(seq_q), int(seq_k)
+        layout.kv_num, layout.kv_idx = kv_num.contiguous(), kv_idx.contiguous()
+        layout.q_num, layout.q_idx = q_num.contiguous(), q_idx.contiguous()
+        return layout
+
+    @classmethod
     def dense(
         cls,
         seq_q: int,

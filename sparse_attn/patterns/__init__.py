@@ -1,0 +1,42 @@
+"""Producers of sparsity: each method's pattern, ending in a :class:`~sparse_attn.BlockSparseLayout`.
+
+=========================  ==================================================================
+name                       what
+=========================  ==================================================================
+``strided``                S2-Attention / DKernel: local window + per-head strided blocks
+``S2KVCache``              decode KV cache that keeps, per KV head, only the S2 shard it reads
+``select_blocks``          scores/logits -> layout (threshold, top-k or target density)
+``attention_block_map``    block max-pooled softmax map (SeerAttention's training target)
+``SeerGate``               SeerAttention's learned block gate (prefill)
+``SeerDecodeGate``         the gate for one query token with a cache of compressed K blocks
+=========================  ==================================================================
+
+Names are resolved lazily, so importing one pattern never imports the others (or Triton).
+"""
+
+from importlib import import_module as _import_module
+
+_EXPORTS = {
+    "strided": ".strided",
+    "strided_block_mask": ".strided",
+    "S2KVCache": ".s2_cache",
+    "select_blocks": ".select",
+    "attention_block_map": ".block_map",
+    "SeerGate": ".seer",
+    "SeerDecodeGate": ".seer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

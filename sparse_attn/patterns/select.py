@@ -1,0 +1,149 @@
+"""From block scores to a layout: threshold, top-k or a target density, on the device.
+
+Used by SeerAttention's gate (its logits), the benchmarks' "Seer-style top-k from random
+scores", and anything else that scores (query block, key block) pairs. Every step is a fixed-
+shape tensor op, so selection runs on the GPU without a host synchronisation and inside
+``torch.compile`` / CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..layout import BlockSparseLayout, _parse_block_size
+
+__all__ = ["select_blocks", "causal_block_mask"]
+
+
+def causal_block_mask(mq: int, mk: int, block_size: Union[int, Sequence[int]], seq_q: int, seq_k: int,
+                      device=None) -> torch.Tensor:
+    """``[Mq, Mk]`` bool: key block ``c`` holds a key some query of block ``r`` may see.
+
+    Bottom-right causal: query ``t`` sees key ``j`` iff ``j <= t + seq_k - seq_q``, so block ``r``
+    reaches key ``min(seq_q, (r + 1) * bq) - 1 + seq_k - seq_q``.
+    """
+    bq, bk = _parse_block_size(block_size)
+    r = torch.arange(mq, device=device)
+    last_key = torch.clamp((r + 1) * bq, max=seq_q) - 1 + (seq_k - seq_q)  # [Mq]
+    c = torch.arange(mk, device=device)
+    return c[None, :] * bk <= last_key[:, None]
+
+
+def _group_reduce(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    b, h = x.shape[:2]
+    if h % num_kv_heads:
+        raise ValueError(f"logits have {h} heads, not a multiple of num_kv_heads={num_kv_heads}")
+    return x.view(b, num_kv_heads, h // num_kv_heads, *x.shape[2:]).amax(dim=2)
+
+
+def select_blocks(
+    logits: torch.Tensor,
+    *,
+    threshold: Optional[float] = None,
+    topk: Optional[int] = None,
+    density: Optional[float] = None,
+    keep_first: int = 1,
+    keep_last: int = 1,
+    causal: bool = True,
+    share_gqa: bool = False,
+    block_size: Union[int, Tuple[int, int]] = 64,
+    seq_q: Optional[int] = None,
+    seq_k: Optional[int] = None,
+    num_kv_heads: Optional[int] = None,
+) -> BlockSparseLayout:
+    """Pick key blocks per query block from scores; return the layout.
+
+    Args:
+        logits: ``[B, H, Mq, Mk]`` scores (any float dtype; compared in fp32). ``-inf`` marks a
+            pair that may not be chosen; ``+inf`` and NaN are rejected at the source's risk
+            (NaN is never chosen).
+        threshold: keep blocks whose softmax probability along the row is ``>= threshold``.
+        topk: keep the ``topk`` highest-scoring allowed blocks of each row (all of them if the
+            row has fewer).
+        density: keep ``ceil(density * n_r)`` blocks of row ``r``, where ``n_r`` is the row's
+            number of allowed blocks (with ``causal`` the triangle, so ``density=0.1`` really
+            computes ~10% of what causal dense attention computes, not 5%).
+        keep_first: the first this many allowed key blocks of each row are always kept
+            (attention sinks).
+        keep_last: the last this many allowed key blocks of each row are always kept (the
+            diagonal and its neighbours, so no query row is left empty).
+        causal: also forbid blocks past the bottom-right causal limit (from ``seq_q``,
+            ``seq_k``), whether or not ``logits`` already carry ``-inf`` there.
+        share_gqa: choose once per KV head: reduce over each group of ``H // num_kv_heads``
+            query heads (max of probabilities for ``threshold``, max of logits otherwise) and
+            return an ``Hl = num_kv_heads`` layout.
+        block_size: ``bq`` or ``(bq, bk)`` of the layout.
+        seq_q, seq_k: sequence lengths (default ``Mq * bq``, ``Mk * bk``).
+        num_kv_heads: needed with ``share_gqa``.
+
+    Exactly one of ``threshold``, ``topk``, ``density`` must be given. Forced blocks come on
+    top of the selected ones.
+
+    Returns:
+        :class:`BlockSparseLayout` with ``Bl = B`` and ``Hl = H`` (or ``num_kv_heads``).
+
+    Example::
+
+        >>> logits = torch.randn(1, 4, 16, 16)
+        >>> layout = select_blocks(logits, topk=3, block_size=64, seq_q=1000, seq_k=1000)
+        >>> layout.kv_num.max().item() <= 3 + 2      # top-3 plus the forced first/last blocks
+        True
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError("logits must be a floating-point torch.Tensor")
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be [B, H, Mq, Mk], got shape {tuple(logits.shape)}")
+    modes = [name for name, val in (("threshold", threshold), ("topk", topk), ("density", density)) if val is not None]
+    if len(modes) != 1:
+        raise ValueError(f"give exactly one of threshold, topk, density (got {modes or 'none'})")
+    if threshold is not None and not (0.0 <= float(threshold) <= 1.0):
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 0):
+        raise ValueError(f"topk must be a non-negative int, got {topk!r}")
+    if density is not None and not (0.0 <= float(density) <= 1.0):
+        raise ValueError(f"density must lie in [0, 1], got {density}")
+    for name, val in (("keep_first", keep_first), ("keep_last", keep_last)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    bq, bk = _parse_block_size(block_size)
+    b, h, mq, mk = logits.shape
+    seq_q = mq * bq if seq_q is None else int(seq_q)
+    seq_k = mk * bk if seq_k is None else int(seq_k)
+    if -(-seq_q // bq) != mq or -(-seq_k // bk) != mk:
+        raise ValueError(f"logits have {mq}x{mk} blocks but seq_q={seq_q}, seq_k={seq_k} with blocks "
+                         f"{bq}x{bk} need {-(-seq_q // bq)}x{-(-seq_k // bk)}")
+    if share_gqa and num_kv_heads is None:
+        raise ValueError("share_gqa=True needs num_kv_heads")
+
+    x = logits.float()
+    allowed = x > float("-inf")  # NaN compares False: never allowed
+    if causal:
+        allowed = allowed & causal_block_mask(mq, mk, (bq, bk), seq_q, seq_k, logits.device)
+    x = x.masked_fill(~allowed, float("-inf"))
+
+    if threshold is not None:
+        # softmax of a row with nothing allowed would be NaN: give it zeros instead
+        probs = torch.softmax(x.masked_fill(~allowed.any(-1, keepdim=True), 0.0), dim=-1) * allowed
+        if share_gqa:
+            probs, allowed = _group_reduce(probs, num_kv_heads), _group_reduce(allowed, num_kv_heads)
+        keep = (probs >= float(threshold)) & allowed
+    else:
+        if share_gqa:
+            x, allowed = _group_reduce(x, num_kv_heads), _group_reduce(allowed, num_kv_heads)
+        n_allowed = allowed.sum(-1, keepdim=True)  # [B, H, Mq, 1]
+        if topk is not None:
+            k_row = torch.clamp(n_allowed, max=topk)
+        else:
+            k_row = torch.ceil(n_allowed.to(torch.float64) * float(density)).to(n_allowed.dtype)
+        order = torch.argsort(x, dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(mk, device=x.device).expand_as(order).contiguous())
+        keep = (rank < k_row) & allowed
+
+    # forced blocks: by position among the row's allowed blocks
+    from_left = torch.cumsum(allowed.to(torch.int32), dim=-1)  # 1-based rank from the left
+    from_right = allowed.sum(-1, keepdim=True, dtype=torch.int32) - from_left + 1
+    keep = keep | (allowed & (from_left <= keep_first)) | (allowed & (from_right <= keep_last))
+    return BlockSparseLayout.from_block_mask(keep, (bq, bk), seq_q, seq_k)

@@ -1,0 +1,145 @@
+"""S2 / DKernel strided layouts: the closed-form builder vs a per-element construction."""
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import make_qkv
+from sparse_attn import BlockSparseLayout, reference_attention, sparse_attention
+from sparse_attn.patterns import strided, strided_block_mask
+
+
+def rule_mask(H, sq, sk, bs, L, st, homo=False, nd=0, off=0, causal=True, heads=None):
+    """The issue's rule, one (head, row, column) at a time."""
+    mq, mk = -(-sq // bs), -(-sk // bs)
+    heads = range(H) if heads is None else range(*heads)
+    step = max(1, st // H)
+    m = torch.zeros(1, len(heads), mq, mk, dtype=torch.bool)
+    for a, h in enumerate(heads):
+        he = 0 if homo else h
+        for r in range(mq):
+            i = (sk - sq + r * bs) // bs  # block of the row's first query token
+            for c in range(mk):
+                if h >= H - nd:
+                    keep = c <= i if causal else True
+                elif causal:
+                    keep = c <= i and (i - c < L or (c + he * step + off) % st == 0)
+                else:
+                    keep = abs(i - c) < L or (c + he * step + off) % st == 0
+                m[0, a, r, c] = keep
+    return m
+
+
+def check_both_forms(layout, expected):
+    assert torch.equal(layout.to_block_mask(), expected)
+    ref = BlockSparseLayout.from_block_mask(expected, layout.block_size, layout.seq_q, layout.seq_k)
+    assert torch.equal(layout.kv_num, ref.kv_num)
+    assert torch.equal(layout.q_num, ref.q_num)
+    for name in ("kv", "q"):
+        num, idx, ridx = getattr(layout, name + "_num"), getattr(layout, name + "_idx"), getattr(ref, name + "_idx")
+        slots = torch.arange(idx.shape[-1])
+        valid = slots < num.unsqueeze(-1)
+        assert torch.equal(torch.where(valid, idx, -1), torch.where(valid, ridx[..., : idx.shape[-1]], -1))
+        assert int(idx.min()) >= 0
+
+
+GRID = list(itertools.product(
+    [1, 4],            # heads
+    [(37, 200), (200, 200), (1, 333), (128, 333), (100, 37)],  # (seq_q, seq_k): prefill, decode, chunk, Sq > Sk
+    [16, 32],          # block
+    [0, 1, 3],         # local blocks
+    [1, 3, 4],         # stride
+    [(False, 0), (True, 0), (False, 1)],  # homo, dense heads
+    [0, 1],            # head_sliding_offset
+    [True, False],     # causal
+))
+
+
+@pytest.mark.parametrize("H,seqs,bs,L,st,homo_nd,off,causal", GRID[::7] + GRID[3::11])
+def test_formula_matches_rule(H, seqs, bs, L, st, homo_nd, off, causal):
+    sq, sk = seqs
+    homo, nd = homo_nd
+    layout = strided(H, sq, sk, block_size=bs, local_blocks=L, vert_stride=st, homo_head=homo,
+                     num_dense_heads=nd, head_sliding_offset=off, causal=causal)
+    assert layout.shape == (1, H, -(-sq // bs), -(-sk // bs))
+    assert (layout.seq_q, layout.seq_k, layout.block_size) == (sq, sk, (bs, bs))
+    check_both_forms(layout, rule_mask(H, sq, sk, bs, L, st, homo, nd, off, causal))
+
+
+def test_issue_example_pictures_offset_one():
+    # Phi-3-small style: offset 1 shifts every head's stride by one block
+    m0 = strided_block_mask(2, 8 * 16, block_size=16, local_blocks=2, vert_stride=4)[0]
+    m1 = strided_block_mask(2, 8 * 16, block_size=16, local_blocks=2, vert_stride=4, head_sliding_offset=1)[0]
+    # head 0, row 7: window {6, 7}; stride column 0 and 4 (offset 0) / 3 (offset 1)
+    assert m0[0, 7].nonzero().flatten().tolist() == [0, 4, 6, 7]
+    assert m1[0, 7].nonzero().flatten().tolist() == [3, 6, 7]
+    # head 1 (step = 4 // 2 = 2): (c + 2) % 4 == 0 -> c = 2; offset 1 -> c = 1, 5
+    assert m0[1, 7].nonzero().flatten().tolist() == [2, 6, 7]
+    assert m1[1, 7].nonzero().flatten().tolist() == [1, 5, 6, 7]
+
+
+@pytest.mark.parametrize("H,st,off", [(8, 8, 0), (8, 8, 1), (16, 8, 0), (4, 4, 0), (8, 4, 1)])
+def test_union_over_heads_covers_causal_triangle(H, st, off):
+    m = strided_block_mask(H, 40 * 16, block_size=16, local_blocks=2, vert_stride=st, head_sliding_offset=off)
+    union = m[0].any(0)
+    assert torch.equal(union, torch.ones(40, 40, dtype=torch.bool).tril())
+    assert not m[0].all(0).equal(union)  # and no single head reads everything
+
+
+def test_union_has_holes_with_too_few_heads():
+    m = strided_block_mask(2, 40 * 16, block_size=16, local_blocks=2, vert_stride=8)
+    assert not torch.equal(m[0].any(0), torch.ones(40, 40, dtype=torch.bool).tril())
+
+
+def test_active_head_range_keeps_global_head_indices():
+    full = strided(8, 300, block_size=16, local_blocks=2, vert_stride=8, num_dense_heads=1)
+    part = strided(8, 300, block_size=16, local_blocks=2, vert_stride=8, num_dense_heads=1, active_head_range=(5, 8))
+    assert part.shape[1] == 3
+    assert torch.equal(part.to_block_mask(), full.to_block_mask()[:, 5:8])
+    check_both_forms(part, rule_mask(8, 300, 300, 16, 2, 8, nd=1, heads=(5, 8)))
+
+
+def test_cached_and_fast():
+    a = strided(4, 1000, block_size=64, local_blocks=2, vert_stride=4)
+    b = strided(4, 1000, block_size=64, local_blocks=2, vert_stride=4)
+    c = strided(4, 1000, block_size=64, local_blocks=3, vert_stride=4)
+    assert a is b and a is not c
+    big = strided(8, 131072, block_size=64, local_blocks=16, vert_stride=8)  # Phi-3-small-like, 128k
+    assert big.shape == (1, 8, 2048, 2048)
+    assert big.kv_idx.shape[-1] < 300  # ~Mk / stride + window slots, never Mk
+    # mean kept blocks per row ~ (i / stride + 16): density of the full square
+    assert abs(big.density - (2048 / 2 / 8 + 16) / 2048) < 0.01
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="block_size"):
+        strided(4, 100, block_size=48)
+    with pytest.raises(ValueError, match="vert_stride"):
+        strided(4, 100, vert_stride=0)
+    with pytest.raises(ValueError, match="num_dense_heads"):
+        strided(4, 100, num_dense_heads=5)
+    with pytest.raises(ValueError, match="active_head_range"):
+        strided(4, 100, active_head_range=(2, 2))
+    with pytest.raises(TypeError, match="num_heads"):
+        strided(4.0, 100)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("sq,sk,causal", [(200, 200, True), (37, 200, True), (1, 150, True), (150, 150, False)])
+def test_attention_through_strided_layout(backend, sq, sk, causal):
+    """The narrow closed-form index tensors drive the kernels (forward and backward)."""
+    q, k, v = make_qkv(1, 4, 2, sq, sk, 32, torch.float32, generator=torch.Generator().manual_seed(3),
+                       requires_grad=True)
+    layout = strided(2, sq, sk, block_size=16, local_blocks=2, vert_stride=3, causal=causal)
+    dense_form = BlockSparseLayout.from_block_mask(layout.to_block_mask(), 16, sq, sk)
+    out = sparse_attention(q, k, v, layout, causal=causal, backend=backend)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = reference_attention(q, k, v, dense_form, causal=causal)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
