@@ -5,6 +5,7 @@ name                       what
 =========================  ==================================================================
 ``strided``                S2-Attention / DKernel: local window + per-head strided blocks
 ``S2KVCache``              decode KV cache that keeps, per KV head, only the S2 shard it reads
+``S2DecodePart``           one op call's share of an ``S2KVCache`` decode (dense heads apart)
 ``select_blocks``          scores/logits -> layout (threshold, top-k or target density)
 ``attention_block_map``    block max-pooled softmax map (SeerAttention's training target)
 ``SeerGate``               SeerAttention's learned block gate (prefill)
@@ -20,6 +21,7 @@ _EXPORTS = {
     "strided": ".strided",
     "strided_block_mask": ".strided",
     "S2KVCache": ".s2_cache",
+    "S2DecodePart": ".s2_cache",
     "select_blocks": ".select",
     "attention_block_map": ".block_map",
     "SeerGate": ".seer",

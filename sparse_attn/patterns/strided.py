@@ -198,6 +198,7 @@ def strided(
 
     Example::
 
+        >>> from sparse_attn import sparse_attention
         >>> layout = strided(4, 1000, block_size=64, local_blocks=2, vert_stride=4)
         >>> layout.shape
         (1, 4, 16, 16)

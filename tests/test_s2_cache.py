@@ -1,0 +1,262 @@
+"""S2KVCache: decoding from the per-head compacted cache == S2 attention over the full cache.
+
+Oracles: ``sparse_attention`` on the full K/V with the ``strided(...)`` layout of the same
+step, and ``naive_attention`` with an element mask written out here from the S2 rule. The
+memory test checks the closed form against a block-by-block count and the cache's own
+bookkeeping run to 128k tokens (no 128k tensors).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_no_nan, naive_attention, tolerances
+from sparse_attn import available_backends, sparse_attention
+from sparse_attn.patterns import S2KVCache, strided
+from sparse_attn.patterns.s2_cache import _SlotTable, _stride_residues
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rule(h, i, c, num_heads, local_blocks, vert_stride, homo_head=False, num_dense_heads=0,
+          head_sliding_offset=0, **_):
+    """The S2 rule for one (head, query block i, key block c), as the issue states it."""
+    if c > i:
+        return False
+    if h >= num_heads - num_dense_heads:
+        return True
+    step = max(1, vert_stride // num_heads)
+    h_eff = 0 if homo_head else h
+    return i - c < local_blocks or (c + h_eff * step + head_sliding_offset) % vert_stride == 0
+
+
+def _kept(n, hkv, bs, cfg):
+    """Per KV head, the sorted block indices the token at position n - 1 reads."""
+    i = (n - 1) // bs
+    return [[c for c in range(i + 1) if _rule(h, i, c, hkv, **cfg)] for h in range(hkv)]
+
+
+def _element_mask(n, hkv, g, bs, cfg):
+    """``[1, Hq, 1, n]``: which keys the query at position n - 1 sees, query head by query head."""
+    blocks = torch.zeros(hkv, (n - 1) // bs + 1, dtype=torch.bool)
+    for h, kept in enumerate(_kept(n, hkv, bs, cfg)):
+        blocks[h, kept] = True
+    per_key = blocks.repeat_interleave(bs, dim=1)[:, :n]  # [Hkv, n]
+    return per_key.repeat_interleave(g, dim=0)[None, :, None, :].to(DEVICE)
+
+
+# (id, Hkv, G, cfg): GQA / MQA, homo and hetero heads, dense heads, both offsets, step > 1.
+CONFIGS = [
+    ("hetero-off0-gqa", 4, 2, dict(local_blocks=2, vert_stride=3)),
+    ("homo-off1-window1", 2, 3, dict(local_blocks=1, vert_stride=4, homo_head=True, head_sliding_offset=1)),
+    ("hetero-off1-dense1-step2", 4, 2, dict(local_blocks=3, vert_stride=8, num_dense_heads=1,
+                                            head_sliding_offset=1)),
+    ("mqa-off0", 1, 4, dict(local_blocks=2, vert_stride=2)),
+    ("all-dense", 2, 1, dict(local_blocks=2, vert_stride=4, num_dense_heads=2)),
+]
+# Appends after the 75-token prompt (odd, inside block 4): single tokens and bursts that cross
+# one or two block boundaries, ending at 311 tokens (block 19; 15 boundaries crossed).
+APPENDS = [1] * 20 + [5, 17, 1, 33] + [1] * 30 + [40, 1, 1, 49] + [1] * 35
+
+
+def _sequence(b, hkv, d, total, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(b, hkv, total, d, generator=gen).to(DEVICE) for _ in range(2))
+    return k, v, gen
+
+
+@pytest.mark.parametrize("name,hkv,g,cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_decode_matches_full_cache(name, hkv, g, cfg):
+    b, d, bs, prompt = 2, 16, 16, 75
+    total = prompt + sum(APPENDS)
+    k, v, gen = _sequence(b, hkv, d, total, seed=len(name))
+    cache = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=total, device=DEVICE, **cfg)
+    cache.prefill(k[:, :, :prompt], v[:, :, :prompt])
+    n = prompt
+    tol = tolerances(torch.float32)
+    for t in [0] + APPENDS:  # 0: decode the prompt's last token straight after prefill
+        if t:
+            cache.append(k[:, :, n:n + t], v[:, :, n:n + t])
+            n += t
+        assert cache.seq_len == n
+        q = torch.randn(b, hkv * g, 1, d, generator=gen).to(DEVICE)
+        out, lse = cache.attend(q, return_lse=True)
+        assert_no_nan(out, lse)
+        layout = strided(hkv, 1, n, block_size=bs, device=DEVICE, **cfg)
+        ref, ref_lse = sparse_attention(q, k[:, :, :n], v[:, :, :n], layout, causal=True, return_lse=True)
+        torch.testing.assert_close(out, ref, **tol, msg=f"out at seq_len={n}")
+        torch.testing.assert_close(lse, ref_lse, **tol, msg=f"lse at seq_len={n}")
+        # What is stored is exactly what the S2 rule lets the newest token read.
+        assert [sorted(x) for x in cache.block_table()] == _kept(n, hkv, bs, cfg), f"seq_len={n}"
+        assert [len(x) for x in cache.block_table()] == S2KVCache.kept_blocks(n, hkv, block_size=bs, **cfg)
+    # Independent oracle once more at the end: dense attention under the element mask.
+    naive, naive_lse = naive_attention(q.double(), k[:, :, :n].double(), v[:, :, :n].double(),
+                                       _element_mask(n, hkv, g, bs, cfg), return_lse=True)
+    torch.testing.assert_close(out.double(), naive, **tol)
+    torch.testing.assert_close(lse.double(), naive_lse, **tol)
+    # The shard really is smaller than the history: per sharded head, far fewer keys than n.
+    if cfg.get("num_dense_heads", 0) < hkv:
+        part = cache.decode_parts()[0]
+        assert part.k.shape[2] <= 0.6 * n
+
+
+@pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="Triton backend unavailable")
+def test_decode_inputs_through_triton_kernel():
+    """The layout over the compacted storage runs on the kernel (interpreter on CPU)."""
+    b, hkv, g, d, bs = 1, 2, 2, 32, 16
+    cfg = dict(local_blocks=2, vert_stride=2, head_sliding_offset=1)
+    k, v, gen = _sequence(b, hkv, d, 200, seed=5)
+    cache = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=200, device=DEVICE, **cfg)
+    cache.prefill(k[:, :, :150], v[:, :, :150])
+    for n in (151, 160, 161, 200):  # mid-block, full block, first token of a block, capacity
+        cache.append(k[:, :, cache.seq_len:n], v[:, :, cache.seq_len:n])
+        q = torch.randn(b, hkv * g, 1, d, generator=gen).to(DEVICE)
+        k_c, v_c, layout = cache.decode_inputs()
+        out = sparse_attention(q, k_c, v_c, layout, causal=False, backend="triton")
+        ref = sparse_attention(q, k[:, :, :n], v[:, :, :n], strided(hkv, 1, n, block_size=bs, device=DEVICE, **cfg),
+                               backend="reference")
+        torch.testing.assert_close(out, ref, **tolerances(torch.float32), msg=f"seq_len={n}")
+
+
+def test_layout_indexes_compacted_storage():
+    """Row h lists slots 0..used_h-1 then the shared last slot; each slot holds the block the
+    block table says; seq_k cuts the current block at its fill."""
+    b, hkv, d, bs = 1, 3, 8, 16
+    cfg = dict(local_blocks=2, vert_stride=3, head_sliding_offset=1)
+    k, v, _ = _sequence(b, hkv, d, 300, seed=9)
+    cache = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=300, device=DEVICE, **cfg)
+    cache.prefill(k[:, :, :203], v[:, :, :203])
+    k_c, v_c, layout = cache.decode_inputs()
+    slots = cache.num_slots
+    assert layout.shape == (1, hkv, 1, slots + 1) and layout.seq_q == 1
+    assert layout.seq_k == k_c.shape[2] == slots * bs + (203 - 12 * bs)
+    for h, blocks in enumerate(cache.block_table()):
+        row = layout.kv_idx[0, h, 0, : int(layout.kv_num[0, h, 0])].tolist()
+        assert row == list(range(len(blocks) - 1)) + [slots]
+        for slot, blk in zip(row, blocks):
+            lo, hi = blk * bs, min((blk + 1) * bs, 203)
+            torch.testing.assert_close(k_c[:, h, slot * bs: slot * bs + hi - lo], k[:, h, lo:hi], rtol=0, atol=0)
+            torch.testing.assert_close(v_c[:, h, slot * bs: slot * bs + hi - lo], v[:, h, lo:hi], rtol=0, atol=0)
+
+
+def test_bulk_append_equals_token_by_token():
+    b, hkv, d, bs = 2, 4, 8, 16
+    cfg = dict(local_blocks=3, vert_stride=4, num_dense_heads=1)
+    k, v, _ = _sequence(b, hkv, d, 260, seed=2)
+    bulk = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=260, device=DEVICE, **cfg)
+    step = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=260, device=DEVICE, **cfg)
+    kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))  # [B, S, H, D] storage
+    bulk.prefill(kt[:, :, :131], vt[:, :, :131])
+    bulk.append(kt[:, :, 131:260], vt[:, :, 131:260])
+    for n in range(260):
+        step.append(k[:, :, n:n + 1], v[:, :, n:n + 1])
+    assert bulk.block_table() == step.block_table()
+    for pa, pb in zip(bulk.decode_parts(), step.decode_parts()):
+        assert pa.kv_heads == pb.kv_heads
+        assert torch.equal(pa.k, pb.k) and torch.equal(pa.v, pb.v)
+
+
+def test_reset_and_reuse():
+    b, hkv, d, bs = 1, 2, 8, 16
+    k, v, gen = _sequence(b, hkv, d, 100, seed=4)
+    cache = S2KVCache(b, hkv, d, block_size=bs, local_blocks=1, vert_stride=2, max_seq_len=100, device=DEVICE)
+    cache.prefill(k, v)
+    cache.reset()
+    assert cache.seq_len == 0
+    cache.prefill(k[:, :, :37], v[:, :, :37])
+    q = torch.randn(b, hkv, 1, d, generator=gen).to(DEVICE)
+    ref = sparse_attention(q, k[:, :, :37], v[:, :, :37], strided(hkv, 1, 37, block_size=bs, local_blocks=1,
+                                                                   vert_stride=2, device=DEVICE))
+    torch.testing.assert_close(cache.attend(q), ref, **tolerances(torch.float32))
+
+
+# -- memory ------------------------------------------------------------------------------------
+PHI3_SMALL = dict(block_size=64, local_blocks=16, vert_stride=8)  # S2 layers; 32 q / 8 KV heads, D 128
+
+
+def _ratio_by_counting(n, hkv, cfg):
+    """Allocated / full from a block-by-block count: every sharded head gets as many block slots
+    as the most any of them keeps; dense heads keep n tokens."""
+    bs, nd = cfg["block_size"], cfg.get("num_dense_heads", 0)
+    rule = {k: val for k, val in cfg.items() if k != "block_size"}
+    i = (n - 1) // bs
+    kept = [sum(_rule(h, i, c, hkv, **rule) for c in range(i + 1)) for h in range(hkv - nd)]
+    return (len(kept) * max(kept, default=0) * bs + nd * n) / (hkv * n)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_memory_ratio_phi3_small(offset):
+    cfg = dict(PHI3_SMALL, head_sliding_offset=offset)
+    expect = {32768: 78 * 64 / 32768, 131072: 270 * 64 / 131072}  # 15 + 62 + 1 and 15 + 254 + 1 blocks
+    for n, want in expect.items():
+        ratio = S2KVCache.memory_ratio(n, 8, **cfg)
+        assert ratio == want == _ratio_by_counting(n, 8, cfg)
+    assert expect[32768] == pytest.approx(0.1523, abs=1e-4) and expect[131072] == pytest.approx(0.1318, abs=1e-4)
+    # The cache's own bookkeeping, run to 128k tokens without tensors, stays within its slots.
+    residues = _stride_residues(8, 8, False, 0, offset)
+    table = _SlotTable(residues, 16, 8)
+    for _ in range(131072 // 64):
+        table.advance()
+    assert [u + 1 for u in table.used()] == S2KVCache.kept_blocks(131072, 8, **cfg) == [270] * 8
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(block_size=64, local_blocks=16, vert_stride=16),
+    dict(block_size=64, local_blocks=4, vert_stride=8, homo_head=True),
+    dict(block_size=32, local_blocks=8, vert_stride=8, num_dense_heads=2, head_sliding_offset=1),
+    dict(block_size=16, local_blocks=3, vert_stride=3),
+], ids=["stride16", "homo", "dense2-off1", "step-uneven"])
+def test_memory_ratio_closed_form_matches_count(cfg):
+    for n in (1, 63, 64, 65, 1000, 4097, 20000):
+        assert S2KVCache.memory_ratio(n, 8, **cfg) == pytest.approx(_ratio_by_counting(n, 8, cfg), rel=1e-12)
+
+
+def test_memory_bytes_of_an_allocated_cache():
+    cfg = dict(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1, head_sliding_offset=1)
+    cache = S2KVCache(2, 4, 8, max_seq_len=1000, dtype=torch.float16, device=DEVICE, **cfg)
+    assert cache.full_cache_bytes() == 2 * 2 * 4 * 1000 * 8 * 2
+    assert cache.memory_bytes() / cache.full_cache_bytes() == pytest.approx(S2KVCache.memory_ratio(1000, 4, **cfg))
+    assert cache.memory_bytes() < 0.5 * cache.full_cache_bytes()
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def _cache(**kw):
+    args = dict(block_size=16, local_blocks=2, vert_stride=2, max_seq_len=64)
+    args.update(kw)
+    return S2KVCache(1, 2, 8, **args)
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(local_blocks=0), ValueError, "local_blocks must be >= 1"),
+    (dict(block_size=48), ValueError, "block_size must be one of"),
+    (dict(num_dense_heads=3), ValueError, "num_dense_heads must lie"),
+    (dict(vert_stride=1.5), TypeError, "vert_stride must be an int"),
+    (dict(dtype=torch.int32), TypeError, "dtype must be a floating-point"),
+    (dict(max_seq_len=0), ValueError, "max_seq_len must be >= 1"),
+], ids=["local0", "block48", "dense>hkv", "stride-float", "dtype-int", "maxlen0"])
+def test_bad_construction_raises(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        _cache(**kw)
+
+
+def test_bad_use_raises():
+    cache = _cache(num_dense_heads=1)
+    kv = torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="the cache is empty"):
+        cache.decode_parts()
+    with pytest.raises(ValueError, match="k must be"):
+        cache.append(kv[:, :1], kv)
+    with pytest.raises(ValueError, match="k and v must have one shape"):
+        cache.append(kv, kv[:, :, :5])
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        cache.append(torch.randn(1, 2, 65, 8), torch.randn(1, 2, 65, 8))
+    cache.prefill(kv, kv)
+    with pytest.raises(ValueError, match="prefill needs an empty cache"):
+        cache.prefill(kv, kv)
+    with pytest.raises(ValueError, match="use decode_parts"):
+        cache.decode_inputs()
+    with pytest.raises(ValueError, match="q must be"):
+        cache.attend(torch.randn(1, 4, 2, 8))
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        cache.attend(torch.randn(1, 3, 1, 8))
