@@ -10,6 +10,9 @@ name                       what
 ``attention_block_map``    block max-pooled softmax map (SeerAttention's training target)
 ``SeerGate``               SeerAttention's learned block gate (prefill)
 ``SeerDecodeGate``         the gate for one query token with a cache of compressed K blocks
+``SeerDecodeCache``        that cache (pooled, projected K of completed blocks)
+``distillation_loss``      KL(target || softmax(gate logits)), the gates' training loss
+``save_gates``             gates -> safetensors + JSON (``load_gates`` reads them back)
 =========================  ==================================================================
 
 Names are resolved lazily, so importing one pattern never imports the others (or Triton).
@@ -26,6 +29,10 @@ _EXPORTS = {
     "attention_block_map": ".block_map",
     "SeerGate": ".seer",
     "SeerDecodeGate": ".seer",
+    "SeerDecodeCache": ".seer_decode",
+    "distillation_loss": ".seer",
+    "save_gates": ".seer",
+    "load_gates": ".seer",
 }
 
 __all__ = sorted(_EXPORTS)

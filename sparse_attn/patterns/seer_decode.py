@@ -1,0 +1,364 @@
+"""The decode gate: SeerAttention's block gate for one query token, with a cache of compressed K.
+
+SeerAttention scores query *blocks*, so on its own it only serves prefill. :class:`SeerDecodeGate`
+scores key blocks for each query *token*, once per GQA group (every query head of a group reads
+the same key blocks, so the decode kernel loads each selected K/V block once), and keeps the
+pooled + projected + rotated K of every completed block in a :class:`SeerDecodeCache` that grows
+one entry per ``block_size`` generated tokens: a decode step costs ``O(Mk * hidden)``, not
+``O(Sk * D)``. The same model can then run sparse prefill (:class:`~sparse_attn.patterns.SeerGate`)
+and sparse decode.
+
+Its training target is ``attention_block_map(q, k, pool_queries=False, reduce_gqa="max")``
+(``[B, Hkv, Sq, Mk]``), with :func:`~sparse_attn.patterns.seer.distillation_loss`.
+
+Positions, masking and RoPE follow :mod:`sparse_attn.patterns.seer`. Two choices specific to the
+decode gate:
+
+* Query feature: the token's q of *all* heads of the GQA group, concatenated (``group * D`` values;
+  the same number of weights per layer as the prefill gate's per-head projections), projected per
+  KV head to ``hidden_size``. Concatenation keeps what distinguishes the heads; a mean would not.
+* Strictly causal per token: key block ``c`` is allowed for the token at key index ``p`` iff
+  ``c * b <= p``, and the token's own (diagonal) block is pooled over its keys *up to and including
+  p*, never over later keys. So a row of :meth:`SeerDecodeGate.forward` on a whole sequence (what
+  training sees) equals the scores :meth:`SeerDecodeGate.step` gives when that token is generated:
+  no train/inference mismatch, no look-ahead.
+
+Example::
+
+    >>> gate = SeerDecodeGate(num_heads=8, num_kv_heads=2, head_dim=64, block_size=64)
+    >>> cache = gate.new_cache()
+    >>> prompt_q, prompt_k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 200, 64)
+    >>> gate.step(prompt_q, prompt_k, cache).shape            # scores for the prompt's last token
+    torch.Size([1, 2, 1, 4])
+    >>> gate.step(torch.randn(1, 8, 1, 64), torch.randn(1, 2, 1, 64), cache).shape   # next token
+    torch.Size([1, 2, 1, 4])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .seer import (
+    _block_pos,
+    _ceil_div,
+    _check_common_kwargs,
+    _check_pooling,
+    _check_qk,
+    _init_heads_linear,
+    _pool_blocks,
+    _project,
+    _query_positions,
+    _rope,
+)
+
+__all__ = ["SeerDecodeGate", "SeerDecodeCache"]
+
+
+def _prefix_pool(k: torch.Tensor, block_size: int, modes: Sequence[str], num_tokens: int) -> torch.Tensor:
+    """For each of the last ``num_tokens`` key indices ``p = Sk - num_tokens .. Sk - 1``, pool
+    ``k [B, H, Sk, D]`` over ``[floor(p / b) * b, p]`` (the token's block up to itself; a negative
+    ``p`` gets key 0's features, for the caller to mask). Returns float32
+    ``[B, H, num_tokens, D * len(modes)]``. Only the blocks holding those keys are scanned, and
+    everything is decided from Python ints (no host synchronisation)."""
+    B, H, Sk, D = k.shape
+    first = max(Sk - num_tokens, 0) // block_size * block_size
+    ks = k[:, :, first:]
+    n_blocks = _ceil_div(Sk - first, block_size)
+    pad = n_blocks * block_size - (Sk - first)
+    if pad:  # trailing padding never reaches a prefix that ends on a real key
+        ks = torch.nn.functional.pad(ks, (0, 0, 0, pad))
+    kb = ks.reshape(B, H, n_blocks, block_size, D)
+    local = (torch.arange(Sk - num_tokens, Sk, device=k.device) - first).clamp(min=0)
+    feats = []
+    for mode in modes:
+        if mode == "avg":
+            count = torch.arange(1, block_size + 1, device=k.device, dtype=torch.float32)[:, None]
+            f = kb.cumsum(dim=3, dtype=torch.float32) / count
+        elif mode == "max":
+            f = kb.cummax(dim=3).values
+        else:
+            f = kb.cummin(dim=3).values
+        feats.append(f.reshape(B, H, n_blocks * block_size, D).index_select(2, local).float())
+    return torch.cat(feats, dim=-1)
+
+
+class SeerDecodeCache:
+    """Compressed keys of one layer for :meth:`SeerDecodeGate.step` (make it with ``gate.new_cache()``).
+
+    Attributes:
+        k_blocks: float32 ``[B, Hkv, Mc, hidden]``, pooled + projected + RoPE'd K of the ``Mc``
+            completed blocks (None before the first block completes).
+        partial: ``[B, Hkv, n, D]`` raw keys of the current incomplete block, ``0 < n < block_size``
+            (None when the last block is complete).
+        length: number of keys appended so far.
+        offset: absolute position of key 0 (set by the first append; positions then advance by one
+            per key).
+    """
+
+    def __init__(self) -> None:
+        self.k_blocks: Optional[torch.Tensor] = None
+        self.partial: Optional[torch.Tensor] = None
+        self.length: int = 0
+        self.offset: Optional[int] = None
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of completed (compressed) blocks."""
+        return 0 if self.k_blocks is None else self.k_blocks.shape[2]
+
+    def reset(self) -> None:
+        """Forget everything (start a new sequence)."""
+        self.__init__()
+
+    def __repr__(self) -> str:
+        n = 0 if self.partial is None else self.partial.shape[2]
+        return f"SeerDecodeCache(length={self.length}, blocks={self.num_blocks}, partial={n}, offset={self.offset})"
+
+
+class SeerDecodeGate(nn.Module):
+    """Block gate for decode: one score row per query token, shared by each GQA group.
+
+    ``forward(q, k)`` gives ``logits [B, Hkv, Sq, Mk]`` with
+    ``logits[b, g, t, c] = qg_g[t] . k_g[c] / sqrt(hidden_size)``, where ``qg_g[t]`` is the
+    projection of the token's queries of all heads of group ``g`` (concatenated) and ``k_g[c]`` that
+    of key block ``c`` pooled with each of ``k_pooling``; both rotated by RoPE at block positions.
+    Row ``t`` (key index ``p = t + Sk - Sq``) allows key blocks ``c <= p // b`` (``-inf``
+    elsewhere) and pools its own block only up to ``p`` (see the module docstring). Example of the
+    allowed pattern, ``b = 4``, ``Sq = 3``, ``Sk = 9`` (``p = 6, 7, 8``)::
+
+        t\\c 0 1 2
+        0   1 1 0
+        1   1 1 0
+        2   1 1 1
+
+    ``step`` does the same one token at a time from a :class:`SeerDecodeCache`.
+
+    Args:
+        num_heads, num_kv_heads, head_dim: the attention layer's ``Hq``, ``Hkv``, ``D``.
+        block_size, hidden_size, k_pooling, use_rope, rope_theta: as for
+            :class:`~sparse_attn.patterns.SeerGate`.
+
+    Example::
+
+        >>> gate = SeerDecodeGate(4, 2, 16, block_size=4, hidden_size=16)
+        >>> gate(torch.randn(1, 4, 3, 16), torch.randn(1, 2, 9, 16)).shape
+        torch.Size([1, 2, 3, 3])
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        block_size: int = 64,
+        hidden_size: int = 128,
+        k_pooling: Sequence[str] = ("max", "min", "avg"),
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        _check_common_kwargs(num_heads, num_kv_heads, head_dim, block_size, hidden_size, use_rope, rope_theta)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.hidden_size = hidden_size
+        self.k_pooling = _check_pooling("k_pooling", k_pooling)
+        self.use_rope = bool(use_rope)
+        self.rope_theta = float(rope_theta)
+        group = num_heads // num_kv_heads
+        self.q_weight = nn.Parameter(torch.empty(num_kv_heads, group * head_dim, hidden_size))
+        self.q_bias = nn.Parameter(torch.empty(num_kv_heads, hidden_size))
+        self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(self.k_pooling), hidden_size))
+        self.k_bias = nn.Parameter(torch.empty(num_kv_heads, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation, per KV head."""
+        _init_heads_linear(self.q_weight, self.q_bias)
+        _init_heads_linear(self.k_weight, self.k_bias)
+
+    def get_config(self) -> Dict[str, Any]:
+        """Constructor kwargs (JSON-serialisable); ``SeerDecodeGate(**g.get_config())`` rebuilds it."""
+        return dict(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            block_size=self.block_size,
+            hidden_size=self.hidden_size,
+            k_pooling=list(self.k_pooling),
+            use_rope=self.use_rope,
+            rope_theta=self.rope_theta,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.get_config().items())
+
+    # -- pieces shared by forward and step ----------------------------------------------------
+    def _query_features(self, q: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hq, S, D]`` -> float32 ``[B, Hkv, S, hidden]`` (group heads concatenated)."""
+        B, _, S, D = q.shape
+        group = self.num_heads // self.num_kv_heads
+        qg = q.reshape(B, self.num_kv_heads, group, S, D).permute(0, 1, 3, 2, 4).reshape(B, self.num_kv_heads, S, -1)
+        return _project(qg, self.q_weight, self.q_bias)
+
+    def _key_features(self, pooled: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+        """Pooled keys ``[B, Hkv, N, D*nk]`` whose blocks start at integer positions ``start_pos
+        [Bp, N]`` -> projected and rotated float32 ``[B, Hkv, N, hidden]``."""
+        kf = _project(pooled, self.k_weight, self.k_bias)
+        return _rope(kf, _block_pos(start_pos, self.block_size), self.rope_theta) if self.use_rope else kf
+
+    # -- full computation -----------------------------------------------------------------------
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Per-token key-block logits, shared across each GQA group.
+
+        Args:
+            q: ``[B, Hq, Sq, D]`` pre-RoPE queries (the last ``Sq`` tokens of the sequence).
+            k: ``[B, Hkv, Sk, D]`` pre-RoPE keys.
+            position_ids: optional ``[Sq]`` or ``[B, Sq]`` integer absolute positions of the query
+                tokens (RoPE only); default ``Sk - Sq .. Sk - 1``.
+
+        Returns:
+            float32 ``[B, Hkv, Sq, ceil(Sk/b)]``; ``-inf`` on key blocks after the token's own.
+
+        Example::
+
+            >>> gate = SeerDecodeGate(2, 1, 8, block_size=4, hidden_size=8)
+            >>> logits = gate(torch.randn(1, 2, 6, 8), torch.randn(1, 1, 6, 8))
+            >>> torch.isinf(logits[0, 0]).int().tolist()
+            [[0, 1], [0, 1], [0, 1], [0, 1], [0, 0], [0, 0]]
+        """
+        _check_qk(q, k, self.num_heads, self.num_kv_heads, self.head_dim)
+        B, _, Sq, _ = q.shape
+        Sk = k.shape[2]
+        b = self.block_size
+        mk = _ceil_div(Sk, b)
+        dev = q.device
+        tok = torch.arange(Sq, device=dev) + (Sk - Sq)  # key index of each query token
+        diag = torch.div(tok, b, rounding_mode="floor")  # its own key block (-1 or less: sees nothing)
+        qpos = _query_positions(position_ids, B, Sq, Sk, dev)  # [Bp, Sq]
+        key0 = qpos[:, -1:] - (Sk - 1)  # absolute position of key 0, [Bp, 1]
+        qf = self._query_features(q)  # [B, Hkv, Sq, hid]
+        if self.use_rope:
+            qf = _rope(qf, _block_pos(qpos, b), self.rope_theta)
+        kf = self._key_features(_pool_blocks(k, b, self.k_pooling), key0 + torch.arange(mk, device=dev) * b)
+        kd = self._key_features(_prefix_pool(k, b, self.k_pooling, Sq), key0 + diag.clamp(min=0) * b)
+        full = torch.einsum("bhsd,bhnd->bhsn", qf, kf)  # [B, Hkv, Sq, Mk]
+        own = (qf * kd).sum(dim=-1, keepdim=True)  # the token's block, pooled up to the token
+        col = torch.arange(mk, device=dev)
+        logits = torch.where(col == diag[:, None], own, full) * (1.0 / math.sqrt(self.hidden_size))
+        return logits.masked_fill(col > diag[:, None], float("-inf"))
+
+    # -- incremental decode ---------------------------------------------------------------------
+    def new_cache(self) -> SeerDecodeCache:
+        """An empty :class:`SeerDecodeCache` for one layer and one batch of sequences."""
+        return SeerDecodeCache()
+
+    def extend_cache(self, k_new: torch.Tensor, cache: SeerDecodeCache, position: Optional[int] = None) -> None:
+        """Append keys ``k_new [B, Hkv, n, D]`` to ``cache``, compressing every block they complete.
+
+        ``position`` is the absolute position of the *last* appended key (default: key 0 is at
+        position 0); after the first append it must advance with the number of keys.
+
+        Example::
+
+            >>> cache = gate.new_cache(); gate.extend_cache(prompt_k, cache)    # prefill
+        """
+        if not isinstance(cache, SeerDecodeCache):
+            raise TypeError(f"cache must be a SeerDecodeCache (gate.new_cache()), got {type(cache).__name__}")
+        if not isinstance(k_new, torch.Tensor) or not k_new.dtype.is_floating_point:
+            raise TypeError("k_new must be a floating-point torch.Tensor")
+        if k_new.dim() != 4 or k_new.shape[1] != self.num_kv_heads or k_new.shape[3] != self.head_dim:
+            raise ValueError(
+                f"k_new must be [B, {self.num_kv_heads}, n, {self.head_dim}], got shape {tuple(k_new.shape)}"
+            )
+        if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
+            raise TypeError(f"position must be an int or None, got {type(position).__name__}")
+        held = cache.partial if cache.partial is not None else cache.k_blocks
+        if held is not None:
+            if k_new.shape[0] != held.shape[0]:
+                raise ValueError(f"k_new has batch {k_new.shape[0]}, the cache holds batch {held.shape[0]}")
+            if k_new.device != held.device:
+                raise ValueError(f"k_new is on {k_new.device}, the cache is on {held.device}")
+        length = cache.length + k_new.shape[2]
+        if cache.offset is None:
+            if length == 0:
+                return
+            cache.offset = 0 if position is None else position - (length - 1)
+        elif position is not None and position != cache.offset + length - 1:
+            raise ValueError(
+                f"position={position}, but the cache's keys are contiguous from position {cache.offset}, so the "
+                f"last of its {length} keys is at {cache.offset + length - 1}"
+            )
+        b = self.block_size
+        tokens = k_new if cache.partial is None else torch.cat((cache.partial, k_new.to(cache.partial.dtype)), dim=2)
+        done = tokens.shape[2] // b
+        if done:
+            first = cache.num_blocks
+            start = cache.offset + (first + torch.arange(done, device=tokens.device)) * b
+            new = self._key_features(_pool_blocks(tokens[:, :, : done * b], b, self.k_pooling), start[None])
+            cache.k_blocks = new if cache.k_blocks is None else torch.cat((cache.k_blocks, new), dim=2)
+        rest = tokens.shape[2] - done * b
+        cache.partial = tokens[:, :, done * b :].clone() if rest else None
+        cache.length = length
+
+    def step(
+        self,
+        q_tok: torch.Tensor,
+        k_new: torch.Tensor,
+        cache: SeerDecodeCache,
+        position: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Append ``k_new`` to ``cache`` and score the key blocks for the query token ``q_tok``.
+
+        The query token is the last appended key. Completed blocks are scored from the cache; the
+        current partial block from its keys so far -- the same numbers :meth:`forward` gives on the
+        whole prefix.
+
+        Args:
+            q_tok: ``[B, Hq, 1, D]`` pre-RoPE query of the new token.
+            k_new: ``[B, Hkv, n, D]`` pre-RoPE keys to append (``n = 1`` per decode step; the whole
+                prompt on the first call; ``n = 0`` to re-score with the keys already cached).
+            cache: from :meth:`new_cache`, updated in place.
+            position: absolute position of the query token (default: key 0 is at position 0).
+
+        Returns:
+            float32 ``[B, Hkv, 1, ceil(length / b)]`` (every block is visible to the newest token).
+
+        Example::
+
+            >>> cache = gate.new_cache()
+            >>> logits = gate.step(q_last_prompt_token, prompt_k, cache)        # prefill
+            >>> logits = gate.step(q_new, k_new, cache)                         # each decode step
+        """
+        if not isinstance(q_tok, torch.Tensor) or not q_tok.dtype.is_floating_point:
+            raise TypeError("q_tok must be a floating-point torch.Tensor")
+        if q_tok.dim() != 4 or tuple(q_tok.shape[1:]) != (self.num_heads, 1, self.head_dim):
+            raise ValueError(f"q_tok must be [B, {self.num_heads}, 1, {self.head_dim}], got {tuple(q_tok.shape)}")
+        if isinstance(k_new, torch.Tensor) and k_new.dim() == 4 and k_new.shape[0] != q_tok.shape[0]:
+            raise ValueError(
+                f"q_tok and k_new must have the same batch size, got {q_tok.shape[0]} and {k_new.shape[0]}"
+            )
+        self.extend_cache(k_new, cache, position)
+        if cache.length == 0:
+            raise ValueError("the cache is empty: k_new must hold at least one key on the first step")
+        b = self.block_size
+        pos = cache.offset + cache.length - 1
+        qf = self._query_features(q_tok)  # [B, Hkv, 1, hid]
+        if self.use_rope:
+            qf = _rope(qf, _block_pos(torch.full((1, 1), pos, device=q_tok.device), b), self.rope_theta)
+        parts = []
+        if cache.k_blocks is not None:
+            parts.append(torch.einsum("bhsd,bhnd->bhsn", qf, cache.k_blocks))
+        if cache.partial is not None:
+            start = torch.full((1, 1), cache.offset + cache.num_blocks * b, device=q_tok.device)
+            kp = self._key_features(_pool_blocks(cache.partial, b, self.k_pooling), start)
+            parts.append((qf * kp).sum(dim=-1, keepdim=True))
+        return torch.cat(parts, dim=-1) * (1.0 / math.sqrt(self.hidden_size))
