@@ -1,49 +1,69 @@
 #!/usr/bin/env bash
-# GPU check for sparse_attn: the test suite, then the quick benchmark (bench/run.py --quick).
+# GPU check for sparse_attn: the GPU-tier tests, the quick benchmark, then a trimmed S2 suite.
 #
-#   bash bench/gpu_check.sh            # from the repo root, on the CUDA machine
+#   bash bench/gpu_check.sh                                 # from anywhere, on the CUDA machine
+#   GPU_CHECK_STEPS="quick" bash bench/gpu_check.sh          # only some steps
 #
-# Everything is tee'd into $OUT (default bench/results)/gpu_check_<gpu>_<date>.log next to the
-# benchmark's JSON/CSV/markdown. The benchmark runs even when the tests fail; the script exits
-# non-zero if the tests failed (or timed out) or the benchmark failed (crash, a failed
-# correctness check, an error in our kernel). Budget: < 8 minutes on an H100
-# (TEST_TIMEOUT + BENCH_TIMEOUT seconds at most).
+# Steps (each under its own `timeout`; a step that fails or times out does not stop the next):
+#   gputests  pytest -q -m gpu tests (real sizes, compiled)    (GPUTEST_TIMEOUT, default 90 s)
+#   tests     pytest -q tests (everything; opt-in)             (TEST_TIMEOUT,    default 150 s)
+#   quick     bench/run.py --quick                             (QUICK_TIMEOUT,   default 230 s)
+#   s2        bench/run.py --suite s2 --seqs 8192 32768 131072 (S2_TIMEOUT,      default 120 s)
+# Default steps: "gputests quick s2", at most 90 + 230 + 120 s plus 3 x 10 s kill grace (470 s):
+# under 8 minutes on an H100.
+#
+# Results (JSON/CSV/markdown/PNG) and the log go to $OUT if set, else bench/results/. The benchmark
+# writes its files after every case and again on SIGTERM, so a step cut by its timeout still leaves
+# its results. Exit status: non-zero if any step failed or timed out (124).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 export PYTHONPATH=".${PYTHONPATH:+:${PYTHONPATH}}"
 export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # compiled kernels on the GPU, never the interpreter
 PY="${PYTHON:-python}"
 OUT_DIR="${OUT:-bench/results}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-210}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
+STEPS="${GPU_CHECK_STEPS:-gputests quick s2}"
+GPUTEST_TIMEOUT="${GPUTEST_TIMEOUT:-90}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
+QUICK_TIMEOUT="${QUICK_TIMEOUT:-230}"
+S2_TIMEOUT="${S2_TIMEOUT:-120}"
 mkdir -p "$OUT_DIR"
 
 GPU_NAME="$(nvidia-smi -i 0 --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
 GPU_TAG="$(printf '%s' "${GPU_NAME:-unknown_gpu}" | sed -E 's/[^A-Za-z0-9._-]+/_/g; s/^_+//; s/_+$//')"
 LOG="$OUT_DIR/gpu_check_${GPU_TAG:-unknown_gpu}_$(date +%Y%m%d-%H%M%S).log"
 
+step() {  # step NAME TIMEOUT CMD...: run one step under its timeout, print and return its status
+    local name=$1 limit=$2 t0=$SECONDS rc=0
+    shift 2
+    echo "== $name: $* (timeout ${limit}s)"
+    timeout -k 10 "$limit" "$@" || rc=$?
+    echo "== $name: rc=$rc in $((SECONDS - t0))s$([ "$rc" -eq 124 ] && echo ' (timed out)')"
+    return "$rc"
+}
+
 run_all() {
-    echo "== gpu_check: $(date -Iseconds) in $(pwd), log $LOG"
-    echo "== nvidia-smi -L"
-    nvidia-smi -L || echo "(nvidia-smi -L failed)"
-    echo "== versions"
-    "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "cuda available", torch.cuda.is_available()); print("triton", triton.__version__)' \
+    echo "== gpu_check: $(date -Iseconds) in $(pwd); steps: $STEPS; log $LOG"
+    echo "== GPU: ${GPU_NAME:-unknown (nvidia-smi failed)}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
+        || echo "(nvidia-smi query failed)"
+    "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print("triton", triton.__version__)' \
         || echo "(version check failed)"
     echo "== git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-
-    echo "== tests: $PY -m pytest -q tests (timeout ${TEST_TIMEOUT}s)"
-    local t0=$SECONDS test_rc=0 bench_rc=0
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q tests || test_rc=$?
-    echo "== tests: rc=$test_rc in $((SECONDS - t0))s"
-
-    echo "== bench: $PY bench/run.py --quick --out $OUT_DIR (timeout ${BENCH_TIMEOUT}s)"
-    t0=$SECONDS
-    timeout -k 10 "$BENCH_TIMEOUT" "$PY" bench/run.py --quick --out "$OUT_DIR" || bench_rc=$?
-    echo "== bench: rc=$bench_rc in $((SECONDS - t0))s"
-
-    echo "== gpu_check summary: tests rc=$test_rc, bench rc=$bench_rc (124 = timed out)"
-    [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+    local status=0 s
+    for s in $STEPS; do
+        case "$s" in
+            gputests) step gputests "$GPUTEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests || status=1 ;;
+            tests) step tests "$TEST_TIMEOUT" "$PY" -m pytest -q tests || status=1 ;;
+            quick) step quick "$QUICK_TIMEOUT" "$PY" bench/run.py --quick --out "$OUT_DIR" || status=1 ;;
+            s2) step s2 "$S2_TIMEOUT" "$PY" bench/run.py --suite s2 --seqs 8192 32768 131072 --budget-s 90 \
+                    --out "$OUT_DIR" || status=1 ;;
+            *) echo "== unknown step '$s' (known: gputests tests quick s2)"; status=1 ;;
+        esac
+    done
+    echo "== gpu_check summary: steps '$STEPS' -> $([ "$status" -eq 0 ] && echo ok || echo FAILED); results in $OUT_DIR"
+    return "$status"
 }
 
 run_all 2>&1 | tee "$LOG"
