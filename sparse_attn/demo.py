@@ -3,11 +3,17 @@ best backend here, check it against dense masked attention, print density, error
 
 Run: ``python -m sparse_attn.demo`` (``--seq``, ``--heads``, ``--stride`` to vary it).
 On a GPU it also times dense causal SDPA (flash) and prints the speed-up.
+
+Then, with transformers installed, the Hugging Face drop-in on a tiny random Llama (CPU):
+dense == sdpa, greedy ``generate()`` identical, S2 sparse, save/load. With ``--model DIR`` on a
+GPU it loads that model and prints the prefill speed-up of ``--method`` (default S2) over sdpa
+at ``--hf-seq`` tokens (default 32k); ``--option key=value`` passes method options.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -51,6 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--local", type=int, default=4)
+    p.add_argument("--model", metavar="DIR", help="local Hugging Face model directory: prefill speed-up (GPU)")
+    p.add_argument("--method", default="s2", help="sparse method for --model (default s2)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option for --model, value as JSON (e.g. vert_stride=16); repeatable")
+    p.add_argument("--hf-seq", type=int, default=32768, help="prompt length for --model (default 32768)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face part")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if cuda else "cpu")
@@ -103,7 +115,41 @@ def main(argv=None) -> int:
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     ok = err <= tol
     print(f"  check       : {'OK' if ok else 'FAILED'} (tolerance {tol:g})")
-    return 0 if ok else 1
+    rc = 0 if ok else 1
+    if not args.no_hf:
+        rc = max(rc, _hf_demo(args))
+    return rc
+
+
+def _parse_options(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option must be KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a plain string (e.g. a gates directory)
+    return out
+
+
+def _hf_demo(args) -> int:
+    """The Hugging Face part (see the module docstring); returns an exit code."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("\nHugging Face drop-in: skipped (transformers is not installed)")
+        return 2 if args.model else 0
+    from .integrations.hf_demo import prefill_speed_demo, tiny_model_demo
+
+    print()
+    rc = 0 if tiny_model_demo() else 1
+    if args.model:
+        print()
+        rc = max(rc, prefill_speed_demo(args.model, method=args.method, seq=args.hf_seq,
+                                        options=_parse_options(args.option)))
+    return rc
 
 
 if __name__ == "__main__":

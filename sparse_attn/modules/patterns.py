@@ -1,0 +1,330 @@
+"""Per-layer pattern modules: what decides an attention layer's block layout.
+
+Every method is an :class:`AttentionPattern` (an ``nn.Module``, so learned parts such as
+SeerAttention's gates follow ``.to()`` and state dicts) with one job::
+
+    layout = pattern(q, k, q_pre=None, k_pre=None, position_ids=None)   # BlockSparseLayout | None
+
+``q [B, Hq, Sq, D]`` and ``k [B, Hkv, Sk, D]`` are the post-RoPE tensors the attention op sees
+(queries are the last ``Sq`` of the ``Sk`` positions: bottom-right causal); ``q_pre`` / ``k_pre``
+are the same projections before RoPE, ``k_pre`` for *this call's tokens only* (its last
+``k_pre.shape[2]`` keys), for methods that score pooled blocks. ``None`` means dense (causal).
+
+Prefill is ``Sq == Sk``; decode (``Sq == 1``) and chunked prefill (``1 < Sq < Sk``) follow the
+pattern's ``decode`` option: ``"sparse"`` uses the method's rule for them where it has one and dense
+otherwise, ``"dense"`` always runs them dense.
+
+=============  ===================================================================================
+name           layout
+=============  ===================================================================================
+``dense``      ``None`` (exact causal attention)
+``s2``         :func:`sparse_attn.patterns.strided` (S2-Attention): static, cached per shape
+``block_mask`` a user ``layout_fn(q, k)`` returning a layout or a bool block mask ``[Bl, Hl, Mq, Mk]``
+``seer``       SeerAttention's learned gate + threshold (:class:`~sparse_attn.modules.SeerPattern`)
+=============  ===================================================================================
+
+:data:`~sparse_attn.modules.PATTERNS` maps these names to classes;
+:func:`~sparse_attn.modules.build_pattern` builds one from an :class:`AttentionSpec` and options,
+and ``pattern.get_config()`` gives the JSON-serialisable options that rebuild it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, Optional, Union
+
+from torch import Tensor, nn
+
+from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
+from ..ops import BACKENDS
+
+__all__ = [
+    "AttentionSpec",
+    "AttentionPattern",
+    "DensePattern",
+    "S2Pattern",
+    "BlockMaskPattern",
+]
+
+DECODE_MODES = ("sparse", "dense")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Shape facts of one attention layer that patterns are built from.
+
+    Example::
+
+        >>> AttentionSpec(num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, layer_idx=3)
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    layer_idx: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+
+def _check_block_size(block_size: Any) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    return block_size
+
+
+class AttentionPattern(nn.Module):
+    """Base class: one attention layer's source of block layouts.
+
+    Subclasses set :attr:`name`, implement :meth:`layout` and :meth:`get_config`, and build from an
+    :class:`AttentionSpec` with :meth:`from_spec`. Calling the module applies the ``decode`` policy
+    and then :meth:`layout`.
+
+    Args:
+        block_size: the layout's block size (16, 32, 64, 128).
+        decode: ``"sparse"`` (the method's rule for ``Sq < Sk`` where it has one) or ``"dense"``.
+        backend: :func:`sparse_attn.sparse_attention` backend for this layer.
+
+    Attributes:
+        distill: when True, :func:`~sparse_attn.modules.pattern_attention` runs
+            :meth:`distillation_forward` (dense output + ``last_loss``) instead of sparse attention.
+        last_loss: the last distillation loss (a scalar tensor), or None.
+    """
+
+    name: ClassVar[str] = ""
+    needs_pre_rope: ClassVar[bool] = False
+
+    def __init__(self, *, block_size: int = 64, decode: str = "sparse", backend: str = "auto") -> None:
+        super().__init__()
+        self.block_size = _check_block_size(block_size)
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.decode = decode
+        self.backend = backend
+        self.distill = False
+        self.last_loss: Optional[Tensor] = None
+
+    # -- the interface ----------------------------------------------------------------------------
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        q_pre: Optional[Tensor] = None,
+        k_pre: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+    ) -> Optional[BlockSparseLayout]:
+        """The layout for ``q [B, Hq, Sq, D]`` against ``k [B, Hkv, Sk, D]`` (None = dense)."""
+        if q.shape[2] < k.shape[2] and self.decode == "dense":
+            return None
+        return self.layout(q, k, q_pre=q_pre, k_pre=k_pre, position_ids=position_ids)
+
+    def layout(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        q_pre: Optional[Tensor] = None,
+        k_pre: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+    ) -> Optional[BlockSparseLayout]:
+        """The method's layout (see the module docstring for the arguments)."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget per-sequence state (decode caches). Default: nothing."""
+
+    def distillation_forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        q_pre: Optional[Tensor] = None,
+        k_pre: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        scale: Optional[float] = None,
+    ) -> Tensor:
+        """Dense attention output ``[B, Hq, Sq, D]``, storing a training loss in ``last_loss``."""
+        raise NotImplementedError(f"pattern {self.name!r} has nothing to distil")
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+    def get_config(self) -> Dict[str, Any]:
+        """JSON-serialisable options; ``type(p).from_spec(spec, **p.get_config())`` rebuilds it."""
+        return {"block_size": self.block_size, "decode": self.decode, "backend": self.backend}
+
+    @classmethod
+    def from_spec(cls, spec: AttentionSpec, **options: Any) -> "AttentionPattern":
+        """Build the pattern for a layer described by ``spec``."""
+        return cls(**options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if not isinstance(v, dict))
+
+
+class DensePattern(AttentionPattern):
+    """No sparsity: every step runs exact causal attention (the reference point for tests).
+
+    Example::
+
+        >>> DensePattern()(torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)) is None
+        True
+    """
+
+    name = "dense"
+
+    def layout(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
+        return None
+
+
+class S2Pattern(AttentionPattern):
+    """S2-Attention: local window + per-head strided blocks (:func:`sparse_attn.patterns.strided`).
+
+    The layout is static, so it is built once per ``(Sq, Sk, device)`` and cached. It is defined
+    over the KV heads (``layout_heads="kv"``, each GQA group shares one shard, what an S2 KV cache
+    keeps) or over the query heads (``"q"``). Decode and chunked prefill use the same rule
+    bottom-right (queries are the last ``Sq`` positions); ``decode="dense"`` turns that off.
+
+    Args:
+        num_heads: heads the pattern is defined over (set by :meth:`from_spec` from ``layout_heads``).
+        block_size, local_blocks, vert_stride, homo_head, num_dense_heads, head_sliding_offset:
+            as in :func:`~sparse_attn.patterns.strided`.
+        layout_heads: ``"kv"`` or ``"q"`` (recorded for :meth:`get_config`).
+
+    Example::
+
+        >>> p = S2Pattern.from_spec(AttentionSpec(4, 2, 16), block_size=16, local_blocks=2, vert_stride=4)
+        >>> p(torch.randn(1, 4, 100, 16), torch.randn(1, 2, 100, 16)).shape
+        (1, 2, 7, 7)
+    """
+
+    name = "s2"
+
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        block_size: int = 64,
+        local_blocks: int = 16,
+        vert_stride: int = 8,
+        homo_head: bool = False,
+        num_dense_heads: int = 0,
+        head_sliding_offset: int = 0,
+        layout_heads: str = "kv",
+        decode: str = "sparse",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(block_size=block_size, decode=decode, backend=backend)
+        if layout_heads not in ("kv", "q"):
+            raise ValueError(f"layout_heads must be 'kv' or 'q', got {layout_heads!r}")
+        self.num_heads = int(num_heads)
+        self.options = dict(local_blocks=int(local_blocks), vert_stride=int(vert_stride), homo_head=bool(homo_head),
+                            num_dense_heads=int(num_dense_heads), head_sliding_offset=int(head_sliding_offset))
+        self.layout_heads = layout_heads
+        from ..patterns import strided
+
+        strided(self.num_heads, 1, 1, block_size=block_size, **self.options)  # validates the options now
+
+    @classmethod
+    def from_spec(cls, spec: AttentionSpec, **options: Any) -> "S2Pattern":
+        heads = spec.num_kv_heads if options.get("layout_heads", "kv") == "kv" else spec.num_heads
+        return cls(heads, **options)
+
+    def layout(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
+        from ..patterns import strided
+
+        return strided(self.num_heads, q.shape[2], k.shape[2], block_size=self.block_size, device=q.device,
+                       **self.options)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {**super().get_config(), **self.options, "layout_heads": self.layout_heads}
+
+
+def _qualified_name(fn: Callable) -> Optional[str]:
+    """``"module:qualname"`` when ``fn`` can be imported back by that name, else None."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    try:
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qualname}" if obj is fn else None
+
+
+def _import_name(name: str) -> Callable:
+    module, _, qualname = name.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class BlockMaskPattern(AttentionPattern):
+    """A user-defined layout: ``layout_fn(q, k)`` returns a :class:`BlockSparseLayout`, a boolean
+    block mask ``[Bl, Hl, Mq, Mk]`` (blocks of ``block_size``; built into a layout here) or None.
+
+    ``q [B, Hq, Sq, D]``, ``k [B, Hkv, Sk, D]`` are post-RoPE; the op adds the causal mask
+    (bottom-right) on top of whatever the function keeps. The function is stored in configs as
+    ``"module:qualname"`` when it is importable by that name (a top-level function); otherwise a
+    reloaded model needs ``layout_fn`` again.
+
+    Example::
+
+        >>> def sink_and_diagonal(q, k):
+        ...     mq, mk = -(-q.shape[2] // 16), -(-k.shape[2] // 16)
+        ...     r = torch.arange(mq)[:, None] + (mk - mq); c = torch.arange(mk)[None, :]
+        ...     return ((c == 0) | (c == r))[None, None]
+        >>> p = BlockMaskPattern(sink_and_diagonal, block_size=16)
+        >>> p(torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)).density
+        0.4375
+    """
+
+    name = "block_mask"
+
+    def __init__(
+        self,
+        layout_fn: Optional[Union[Callable, str]] = None,
+        *,
+        block_size: int = 64,
+        decode: str = "sparse",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(block_size=block_size, decode=decode, backend=backend)
+        if isinstance(layout_fn, str):
+            try:
+                layout_fn = _import_name(layout_fn)
+            except (ImportError, AttributeError, ValueError) as e:
+                raise ValueError(f"layout_fn {layout_fn!r} could not be imported: {e}") from None
+        if layout_fn is not None and not callable(layout_fn):
+            raise TypeError(f"layout_fn must be callable (q, k) -> layout, got {type(layout_fn).__name__}")
+        self.layout_fn = layout_fn
+
+    def layout(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
+        if self.layout_fn is None:
+            raise ValueError(
+                "method 'block_mask' has no layout_fn (it was not importable when the model was saved); "
+                "pass it again: apply_sparse_attention(model, method='block_mask', layout_fn=...)"
+            )
+        out = self.layout_fn(q, k)
+        if out is None or isinstance(out, BlockSparseLayout):
+            return out
+        if isinstance(out, Tensor):
+            return BlockSparseLayout.from_block_mask(out.to(q.device), self.block_size, q.shape[2], k.shape[2])
+        raise TypeError("layout_fn must return a BlockSparseLayout, a bool block mask or None, "
+                        f"got {type(out).__name__}")
+
+    def get_config(self) -> Dict[str, Any]:
+        fn = None if self.layout_fn is None else _qualified_name(self.layout_fn)
+        return {**super().get_config(), "layout_fn": fn}

@@ -1,0 +1,249 @@
+"""SeerAttention as a pattern module: a learned gate on pooled pre-RoPE q/k picks the blocks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..layout import BlockSparseLayout
+from .patterns import AttentionPattern, AttentionSpec
+
+__all__ = ["SeerPattern"]
+
+
+class SeerPattern(AttentionPattern):
+    """SeerAttention: a learned gate scores pooled (pre-RoPE) q/k blocks; a threshold (or top-k, or a
+    target density) on the scores' softmax picks the blocks (:func:`~sparse_attn.patterns.select_blocks`).
+
+    * Prefill (``Sq == Sk``): :class:`~sparse_attn.patterns.SeerGate` on this call's pre-RoPE q/k.
+      Selection is per query block from that block's pooled queries (the block-level lookahead that
+      DESIGN.md describes: fine at inference, a leak in teacher-forced evaluation), or, with
+      ``causal_select=True``, strictly causal from the previous block's scores.
+    * Decode (``Sq == 1``), with ``decode_gate=True`` and ``decode="sparse"``:
+      :class:`~sparse_attn.patterns.SeerDecodeGate` with its incremental cache of compressed key
+      blocks, kept in this module and restarted at every prefill (one sequence batch at a time; no
+      beam-search reordering). Without a decode gate, decode runs dense.
+    * Chunked prefill (``1 < Sq < Sk``): dense (the gate would need the earlier chunks' pre-RoPE
+      keys); the decode cache is still fed.
+    * Distillation (``distill = True``): :meth:`distillation_forward`.
+
+    Args:
+        num_heads, num_kv_heads, head_dim: the layer's ``Hq``, ``Hkv``, ``D``.
+        block_size: gate pooling block and layout block.
+        threshold / topk / density: the selection rule (at most one; default ``threshold=2e-3``).
+        keep_first, keep_last, share_gqa: as in :func:`~sparse_attn.patterns.select_blocks`.
+        causal_select: prefill selection that no token's mask can depend on later tokens through:
+            query block ``r`` takes the scores of block ``r - 1`` (whose pooled queries and keys all
+            precede it) plus its own diagonal block; block 0 sees only itself. Use it for
+            teacher-forced evaluation and training; the default (False) is the paper's per-block
+            selection, which looks ahead within a block.
+        rope_theta: RoPE base of the gate (the model's).
+        gate: extra :class:`~sparse_attn.patterns.SeerGate` kwargs (``hidden_size``, poolings, ``use_rope``).
+        decode_gate: also hold a :class:`~sparse_attn.patterns.SeerDecodeGate` (``True``, or a dict
+            of its extra kwargs).
+
+    Example::
+
+        >>> p = SeerPattern(4, 2, 16, block_size=16, threshold=0.05)
+        >>> q, k = torch.randn(1, 4, 100, 16), torch.randn(1, 2, 100, 16)
+        >>> p(q, k, q_pre=q, k_pre=k).shape           # per batch, per query head
+        (1, 4, 7, 7)
+    """
+
+    name = "seer"
+    needs_pre_rope = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        block_size: int = 64,
+        threshold: Optional[float] = None,
+        topk: Optional[int] = None,
+        density: Optional[float] = None,
+        keep_first: int = 1,
+        keep_last: int = 1,
+        share_gqa: bool = False,
+        causal_select: bool = False,
+        rope_theta: float = 10000.0,
+        gate: Optional[Dict[str, Any]] = None,
+        decode_gate: Union[bool, Dict[str, Any]] = False,
+        decode: str = "sparse",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(block_size=block_size, decode=decode, backend=backend)
+        from ..patterns import SeerDecodeGate, SeerGate
+
+        given = [n for n, v in (("threshold", threshold), ("topk", topk), ("density", density)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of threshold, topk, density (got {given})")
+        if not given:
+            threshold = 2e-3
+        self.select = dict(threshold=threshold, topk=topk, density=density, keep_first=int(keep_first),
+                           keep_last=int(keep_last), share_gqa=bool(share_gqa))
+        self.causal_select = bool(causal_select)
+        self.num_heads, self.num_kv_heads, self.head_dim = int(num_heads), int(num_kv_heads), int(head_dim)
+        self.rope_theta = float(rope_theta)
+        self.gate_options = dict(gate or {})
+        for key in ("block_size", "rope_theta", "num_heads", "num_kv_heads", "head_dim"):
+            if key in self.gate_options:
+                raise ValueError(f"gate options must not set {key!r}; it is the pattern's own argument")
+        self.gate = SeerGate(num_heads, num_kv_heads, head_dim, block_size=block_size, rope_theta=rope_theta,
+                             **self.gate_options)
+        if isinstance(decode_gate, dict):
+            self.decode_gate_options: Optional[Dict[str, Any]] = dict(decode_gate)
+        else:
+            self.decode_gate_options = {} if decode_gate else None
+        self.decode_gate = None
+        if self.decode_gate_options is not None:
+            self.decode_gate = SeerDecodeGate(num_heads, num_kv_heads, head_dim, block_size=block_size,
+                                              rope_theta=rope_theta, **self.decode_gate_options)
+        self._decode_cache: Any = None
+        self._decode_batch = -1
+        self.last_decode_loss: Optional[Tensor] = None
+
+    @classmethod
+    def from_spec(cls, spec: AttentionSpec, *, gates: Any = None, **options: Any) -> "SeerPattern":
+        """Build for one layer. ``gates``: None (fresh gates), a directory written by
+        :func:`~sparse_attn.patterns.seer.save_gates`, or the module it holds -- an
+        ``nn.ModuleDict`` keyed by layer index (``str``) whose entries are ``{"prefill": SeerGate,
+        "decode": SeerDecodeGate}`` (``"decode"`` optional) or a bare ``SeerGate``. The gates'
+        own settings (block size, hidden size, poolings, RoPE) win; their weights are copied."""
+        options.setdefault("rope_theta", spec.rope_theta)
+        if gates is None:
+            return cls(spec.num_heads, spec.num_kv_heads, spec.head_dim, **options)
+        prefill, decode = _layer_gates(gates, spec.layer_idx)
+        cfg = prefill.get_config()
+        for key in ("num_heads", "num_kv_heads", "head_dim"):
+            if cfg[key] != getattr(spec, key):
+                raise ValueError(f"gates for layer {spec.layer_idx} have {key}={cfg[key]}, the model has "
+                                 f"{getattr(spec, key)}")
+        if options.get("block_size", cfg["block_size"]) != cfg["block_size"]:
+            raise ValueError(f"block_size={options['block_size']} but the gates were trained with "
+                             f"block_size={cfg['block_size']}")
+        shared = ("num_heads", "num_kv_heads", "head_dim", "block_size", "rope_theta")
+        options.update(block_size=cfg["block_size"], rope_theta=cfg["rope_theta"],
+                       gate={k: v for k, v in cfg.items() if k not in shared})
+        if decode is not None:
+            options["decode_gate"] = {k: v for k, v in decode.get_config().items() if k not in shared}
+        pattern = cls(spec.num_heads, spec.num_kv_heads, spec.head_dim, **options)
+        pattern.gate.load_state_dict(prefill.state_dict())
+        if decode is not None:
+            pattern.decode_gate.load_state_dict(decode.state_dict())
+        return pattern
+
+    def get_config(self) -> Dict[str, Any]:
+        sel = {k: v for k, v in self.select.items() if v is not None}
+        return {**super().get_config(), **sel, "causal_select": self.causal_select, "rope_theta": self.rope_theta,
+                "gate": dict(self.gate_options),
+                "decode_gate": False if self.decode_gate_options is None else dict(self.decode_gate_options)}
+
+    # -- layouts ----------------------------------------------------------------------------------
+    def _select(self, logits: Tensor, seq_q: int, seq_k: int) -> BlockSparseLayout:
+        from ..patterns import select_blocks
+
+        return select_blocks(logits, block_size=self.block_size, seq_q=seq_q, seq_k=seq_k,
+                             num_kv_heads=self.num_kv_heads, causal=True, **self.select)
+
+    def reset(self) -> None:
+        self._decode_cache, self._decode_batch = None, -1
+
+    def _decode_logits(self, q_pre: Tensor, k_pre: Tensor, seq_k: int, prefill: bool) -> Optional[Tensor]:
+        """Keep the decode gate's cache of compressed keys in step with this call's keys; for a
+        decode step (``Sq == 1``) return the gate's logits ``[B, Hkv, 1, Mk]``, else None."""
+        if self.decode_gate is None:
+            return None
+        if prefill:
+            self._decode_cache, self._decode_batch = self.decode_gate.new_cache(), k_pre.shape[0]
+        elif self._decode_cache is None:
+            return None  # no prefill seen for this sequence: nothing to continue from
+        elif self._decode_batch != k_pre.shape[0]:
+            raise ValueError("the Seer decode cache holds another batch (beam-search reordering is not "
+                             "supported); run a new prefill")
+        if q_pre.shape[2] == 1 and not prefill:
+            return self.decode_gate.step(q_pre, k_pre, self._decode_cache, position=seq_k - 1)
+        self.decode_gate.extend_cache(k_pre, self._decode_cache, position=seq_k - 1)
+        return None
+
+    def _pre(self, q_pre, k_pre, q, k):
+        if q_pre is None or k_pre is None:
+            raise ValueError("method 'seer' needs the pre-RoPE q_pre and k_pre (the HF integration captures them "
+                             "with hooks on q_proj/k_proj; SparseAttention passes them)")
+        if q_pre.shape != q.shape or k_pre.shape[:2] != k.shape[:2] or k_pre.shape[2] > k.shape[2]:
+            raise ValueError(f"q_pre {tuple(q_pre.shape)} / k_pre {tuple(k_pre.shape)} do not match q "
+                             f"{tuple(q.shape)} / k {tuple(k.shape)}")
+
+    def layout(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
+        self._pre(q_pre, k_pre, q, k)
+        sq, sk = q.shape[2], k.shape[2]
+        if sq == sk:  # prefill: k_pre holds every key
+            self._decode_logits(q_pre, k_pre, sk, prefill=True)
+            logits = self.gate(q_pre, k_pre, position_ids)
+            return self._select(_previous_block_scores(logits) if self.causal_select else logits, sq, sk)
+        logits = self._decode_logits(q_pre, k_pre, sk, prefill=False)
+        return None if logits is None else self._select(logits, 1, sk)
+
+    # -- training ---------------------------------------------------------------------------------
+    def distillation_forward(self, q, k, v, *, q_pre=None, k_pre=None, position_ids=None, scale=None):
+        """Dense causal output ``[B, Hq, S, D]`` (q's dtype, not differentiable) and the gates' losses.
+
+        ``last_loss = distillation_loss(gate(q_pre, k_pre), attention_block_map(q, k))`` (post-RoPE
+        q/k for the target, one fused pass with the output); with a decode gate also
+        ``last_decode_loss`` against the per-token, GQA-max-reduced map (a second pass). Prefill
+        only (``Sq == Sk``): the target needs the whole attention matrix.
+        """
+        from ..patterns import attention_block_map
+        from ..patterns.seer import distillation_loss
+
+        self._pre(q_pre, k_pre, q, k)
+        if q.shape[2] != k.shape[2] or k_pre.shape[2] != k.shape[2]:
+            raise ValueError("Seer distillation runs on whole sequences (Sq == Sk, no KV cache)")
+        target, out = attention_block_map(q, k, v=v, block_size=self.block_size, causal=True, scale=scale,
+                                          return_output=True)
+        self.last_loss = distillation_loss(self.gate(q_pre, k_pre, position_ids), target)
+        if self.decode_gate is not None:
+            target = attention_block_map(q, k, block_size=self.block_size, causal=True, scale=scale,
+                                         pool_queries=False, reduce_gqa="max")
+            self.last_decode_loss = distillation_loss(self.decode_gate(q_pre, k_pre, position_ids), target)
+        return out
+
+
+def _previous_block_scores(logits: Tensor) -> Tensor:
+    """Prefill logits ``[B, H, M, M]`` -> row ``r`` holds row ``r - 1``'s scores, and its own
+    diagonal block gets the row's best score (so it is allowed and ranks first; row 0: only it)."""
+    shifted = torch.full_like(logits, float("-inf"))
+    shifted[:, :, 1:] = logits[:, :, :-1]
+    best = shifted.amax(dim=-1)
+    best = torch.where(torch.isinf(best), torch.zeros_like(best), best)
+    diag = torch.arange(logits.shape[2], device=logits.device)
+    shifted[:, :, diag, diag] = best
+    return shifted
+
+
+def _layer_gates(gates: Any, layer_idx: int):
+    """(prefill gate, decode gate or None) for one layer out of ``gates`` (see SeerPattern.from_spec)."""
+    from ..patterns import SeerGate
+
+    if isinstance(gates, (str, os.PathLike)):
+        from ..patterns.seer import load_gates
+
+        gates, _ = load_gates(gates)
+    entry = gates
+    if isinstance(gates, nn.ModuleDict) and "prefill" not in gates:
+        if str(layer_idx) not in gates:
+            raise ValueError(f"gates has no entry for layer {layer_idx} (keys: {list(gates.keys())[:8]})")
+        entry = gates[str(layer_idx)]
+    if isinstance(entry, SeerGate):
+        return entry, None
+    if isinstance(entry, nn.ModuleDict) and isinstance(entry["prefill"] if "prefill" in entry else None, SeerGate):
+        return entry["prefill"], (entry["decode"] if "decode" in entry else None)
+    raise TypeError(f"gates for layer {layer_idx} must be a SeerGate or a ModuleDict with a 'prefill' SeerGate, "
+                    f"got {type(entry).__name__}")
+
+
+
