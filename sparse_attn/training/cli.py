@@ -1,0 +1,85 @@
+"""``sparse-attn train-gates``: distil SeerAttention gates for a local Hugging Face model.
+
+Example::
+
+    sparse-attn train-gates --model ./Llama-3.2-1B --data corpus.jsonl --steps 500 \\
+        --seq-len 4096 --batch-size 2 --grad-accum 4 --out ./gates
+
+The gates land in ``--out`` (``gates.safetensors`` + ``gates_config.json``); load them with
+``apply_sparse_attention(model, method="seer", gates="./gates")``. Nothing is downloaded:
+``--model`` is a local directory (weights, config and, if present, a tokenizer; without one
+the text is fed as UTF-8 bytes, which only suits byte-level models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sparse-attn train-gates", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--data", required=True, help="a .txt / .jsonl file or a folder of them")
+    p.add_argument("--out", required=True, help="output directory for gates and checkpoints")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--threshold", type=float, default=2e-3, help="selection threshold stored with the gates")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--max-chars", type=int, default=None, help="read at most this many characters of text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .data import ByteTokenizer
+    from .trainer import train_gates
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not os.path.isdir(args.model):
+        print(f"train-gates: --model {args.model!r} is not a directory (nothing is downloaded)", file=sys.stderr)
+        return 2
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except Exception as exc:  # no tokenizer files: bytes
+        print(f"train-gates: no tokenizer in {args.model} ({type(exc).__name__}); using UTF-8 bytes", file=sys.stderr)
+        tokenizer = ByteTokenizer()
+    result = train_gates(
+        model, args.data, steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        tokenizer=tokenizer, output_dir=args.out, save_every=args.save_every, resume=args.resume,
+        max_chars=args.max_chars, seed=args.seed, progress=not args.no_progress,
+        method_options={"block_size": args.block_size, "threshold": args.threshold},
+    )
+    hist = result["history"]
+    summary = {"steps": len(hist), "first_loss": hist[0]["loss"] if hist else None,
+               "last_loss": hist[-1]["loss"] if hist else None, "out": args.out}
+    with open(os.path.join(args.out, "train_log.json"), "w") as fh:
+        json.dump(hist, fh, indent=1)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
