@@ -11,7 +11,9 @@ Format (like FlexAttention's ``BlockMask``), per (batch, head, query block):
 * ``kv_idx [Bl, Hl, Mq, Mk]`` int32 -- those key-block indices, ascending, in the
   first ``kv_num`` slots (the rest are padding and never read);
 
-and the transposed form used by the dK/dV pass, per key block:
+and the transposed form used by the dK/dV pass, per key block (built on first
+access, so inference never makes it; ``sparse_attention`` asks for it only when a
+gradient can flow):
 
 * ``q_num [Bl, Hl, Mk]``, ``q_idx [Bl, Hl, Mk, Mq]``.
 
@@ -23,7 +25,7 @@ or ``Hq``. Query block ``r`` covers query rows ``[r*bq, (r+1)*bq)`` and key bloc
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -163,7 +165,39 @@ class BlockSparseLayout:
         self.seq_q: int = seq_q
         self.seq_k: int = seq_k
         self.kv_num, self.kv_idx = compress_block_mask(block_mask)
-        self.q_num, self.q_idx = compress_block_mask(block_mask.transpose(-1, -2))
+        self._mk = block_mask.shape[-1]
+        self._q: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._q_builder: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]] = None
+
+    # -- the transposed form, built on first use -------------------------------------------------
+    def _build_q(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._q is None:
+            if self._q_builder is not None:
+                q_num, q_idx = self._q_builder()
+                self._q_builder = None
+            else:
+                q_num, q_idx = compress_block_mask(self.to_block_mask().transpose(-1, -2))
+            self._q = (q_num.contiguous(), q_idx.contiguous())
+        return self._q
+
+    @property
+    def q_num(self) -> torch.Tensor:
+        """``[Bl, Hl, Mk]`` int32: how many query blocks read each key block (dK/dV pass).
+
+        The transposed form is only needed for gradients, so it is built on first access
+        (on the layout's device, no host sync) and then kept: inference never pays for it.
+        """
+        return self._build_q()[0]
+
+    @property
+    def q_idx(self) -> torch.Tensor:
+        """``[Bl, Hl, Mk, K']`` int32: those query-block indices, ascending (see :attr:`q_num`)."""
+        return self._build_q()[1]
+
+    @property
+    def has_transposed(self) -> bool:
+        """Whether the transposed form has been built (or given) already."""
+        return self._q is not None
 
     @classmethod
     def from_block_mask(
@@ -198,24 +232,30 @@ class BlockSparseLayout:
         cls,
         kv_num: torch.Tensor,
         kv_idx: torch.Tensor,
-        q_num: torch.Tensor,
-        q_idx: torch.Tensor,
+        q_num: Optional[torch.Tensor],
+        q_idx: Optional[torch.Tensor],
         block_size: Tuple[int, int],
         seq_q: int,
         seq_k: int,
+        *,
+        q_builder: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> "BlockSparseLayout":
-        """Trusted constructor for pattern builders that produce both forms directly.
+        """Trusted constructor for pattern builders that produce the index form directly.
 
         Unlike the public constructors nothing is checked and no ``[.., Mq, Mk]`` mask is
         made, so index tensors may be narrower than ``Mk`` / ``Mq`` (``kv_idx [Bl, Hl, Mq, K]``,
-        ``q_idx [Bl, Hl, Mk, K']``): slots past the count are never read. ``q_num`` must have
-        ``Mk`` entries per row. The caller guarantees both forms describe the same mask.
+        ``q_idx [Bl, Hl, Mk, K']``): slots past the count are never read. The transposed form
+        is given (``q_num`` with ``Mk`` entries per row, ``q_idx``), or built on first use by
+        ``q_builder()``, or else from the row form. The caller guarantees both forms describe
+        the same mask.
         """
         layout = cls.__new__(cls)
         layout.block_size = (int(block_size[0]), int(block_size[1]))
         layout.seq_q, layout.seq_k = int(seq_q), int(seq_k)
         layout.kv_num, layout.kv_idx = kv_num.contiguous(), kv_idx.contiguous()
-        layout.q_num, layout.q_idx = q_num.contiguous(), q_idx.contiguous()
+        layout._mk = -(-layout.seq_k // layout.block_size[1])
+        layout._q = None if q_num is None else (q_num.contiguous(), q_idx.contiguous())
+        layout._q_builder = q_builder
         return layout
 
     @classmethod
@@ -242,7 +282,7 @@ class BlockSparseLayout:
 
     @property
     def num_key_blocks(self) -> int:
-        return self.q_num.shape[2]
+        return self._mk
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -262,9 +302,10 @@ class BlockSparseLayout:
     def to(self, device: Union[str, torch.device]) -> "BlockSparseLayout":
         """A copy of the layout on ``device``."""
         out = self.__class__.__new__(self.__class__)
-        out.block_size, out.seq_q, out.seq_k = self.block_size, self.seq_q, self.seq_k
-        for name in ("kv_num", "kv_idx", "q_num", "q_idx"):
-            setattr(out, name, getattr(self, name).to(device))
+        out.block_size, out.seq_q, out.seq_k, out._mk = self.block_size, self.seq_q, self.seq_k, self._mk
+        out.kv_num, out.kv_idx = self.kv_num.to(device), self.kv_idx.to(device)
+        out._q = None if self._q is None else (self._q[0].to(device), self._q[1].to(device))
+        out._q_builder = None  # rebuilt from the row form on the new device if ever needed
         return out
 
     def __repr__(self) -> str:

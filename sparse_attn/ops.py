@@ -79,8 +79,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_mask(kv_num: Optional[Tensor], kv_idx: Optional[Tensor], q_num: Optional[Tensor]):
-    return None if kv_num is None else _expand(kv_num, kv_idx, q_num.shape[-1])
+def _block_mask(kv_num: Optional[Tensor], kv_idx: Optional[Tensor], seq_k: int, block_k: int):
+    return None if kv_num is None else _expand(kv_num, kv_idx, -(-seq_k // block_k))
 
 
 @torch.library.custom_op("sparse_attn::sparse_attention", mutates_args=())
@@ -102,7 +102,8 @@ def _sparse_attention_op(
         return _triton_module("block_sparse_fwd").block_sparse_attn_fwd(
             q, k, v, kv_num, kv_idx, block_q, block_k, causal, scale
         )
-    return reference_forward(q, k, v, _block_mask(kv_num, kv_idx, q_num), (block_q, block_k), causal, scale)
+    return reference_forward(q, k, v, _block_mask(kv_num, kv_idx, k.shape[2], block_k), (block_q, block_k), causal,
+                             scale)
 
 
 @_sparse_attention_op.register_fake
@@ -135,7 +136,7 @@ def _sparse_attention_backward_op(
             dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale
         )
     return reference_backward(
-        dout, dlse, q, k, v, lse, _block_mask(kv_num, kv_idx, q_num), (block_q, block_k), causal, scale
+        dout, dlse, q, k, v, lse, _block_mask(kv_num, kv_idx, k.shape[2], block_k), (block_q, block_k), causal, scale
     )
 
 
@@ -153,6 +154,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx = ctx.saved_tensors
+    if kv_num is not None and q_num is None:  # the forward saw no input needing a gradient
+        raise RuntimeError("sparse_attention: backward through a call made without gradients "
+                           "(the layout's transposed form was not passed); rerun it with grad enabled")
     dq, dk, dv = _sparse_attention_backward_op(
         dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, *ctx.args
     )
@@ -288,7 +292,10 @@ def sparse_attention(
         tensors = (None, None, None, None)
         block_q = block_k = 64
     else:
-        tensors = (layout.kv_num, layout.kv_idx, layout.q_num, layout.q_idx)
+        # The transposed form only serves dK/dV: build (or pass) it only when a gradient can flow.
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        q_side = (layout.q_num, layout.q_idx) if needs_grad else (None, None)
+        tensors = (layout.kv_num, layout.kv_idx, *q_side)
         block_q, block_k = layout.block_size
     out, lse = _sparse_attention_op(q, k, v, *tensors, block_q, block_k, causal, float(scale), resolved)
     return (out, lse) if return_lse else out

@@ -143,3 +143,19 @@ def test_attention_through_strided_layout(backend, sq, sk, causal):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     for g, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_transposed_form_only_built_for_gradients():
+    q, k, v = make_qkv(1, 2, 2, 100, 100, 16, torch.float32, generator=torch.Generator().manual_seed(0))
+    layout = strided(2, 100, block_size=16, local_blocks=1, vert_stride=3, head_sliding_offset=5)
+    with torch.no_grad():
+        sparse_attention(q, k, v, layout)
+    sparse_attention(q, k, v, layout)  # grad mode on, but nothing requires grad
+    assert not layout.has_transposed
+    q.requires_grad_(True)
+    sparse_attention(q, k, v, layout).sum().backward()
+    assert layout.has_transposed
+    check_both_forms(layout, rule_mask(2, 100, 100, 16, 1, 3, off=5))
+    moved = strided(2, 100, block_size=16, local_blocks=1, vert_stride=4).to("cpu")
+    assert not moved.has_transposed and torch.equal(moved.q_num, BlockSparseLayout.from_block_mask(
+        moved.to_block_mask(), 16, 100, 100).q_num)

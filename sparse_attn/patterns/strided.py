@@ -134,26 +134,28 @@ def _build(num_heads, seq_q, seq_k, bs, local, stride, homo, n_dense, offset, ca
                     first_post[..., None] + (j - n_pre3 - n_win3) * stride))
     kv_idx = idx.clamp(0, last).to(torch.int32)  # [H, Mq, K]
 
-    # Transposed form: column c is read by absolute rows [lo, hi] (then r = i - shift).
-    c = torch.arange(mk, device=dev, dtype=torch.int64)[None, :]  # [1, Mk]
-    on_stride = (c - c0_) % stride == 0
-    wide = dense_ | on_stride
-    big = 1 << 40
-    if causal:
-        lo = c
-        hi = torch.where(wide, torch.full_like(c, big), c + local - 1)
-    else:
-        lo = torch.where(wide, torch.full_like(c, -big), c - local + 1)
-        hi = torch.where(wide, torch.full_like(c, big), c + local - 1)
-    lo, hi = torch.broadcast_tensors(lo, hi)  # [H, Mk]
-    r_lo = (lo - shift).clamp(min=0)
-    r_hi = (hi - shift).clamp(max=mq - 1)
-    q_num = (r_hi - r_lo + 1).clamp(min=0).to(torch.int32)  # [H, Mk]
-    # the widest piece (int32 from the start: Hl * Mk * Mq entries)
-    r = torch.arange(mq, device=dev, dtype=torch.int32)[None, None, :]
-    q_idx = (r_lo.to(torch.int32)[..., None] + r).clamp_(max=mq - 1)  # [H, Mk, Mq]
-    layout = BlockSparseLayout._from_parts(kv_num[None], kv_idx[None], q_num[None], q_idx[None],
-                                           (bs, bs), seq_q, seq_k)
+    def transposed():
+        # column c is read by absolute rows [lo, hi] (then r = i - shift): one contiguous range
+        c = torch.arange(mk, device=dev, dtype=torch.int64)[None, :]  # [1, Mk]
+        wide = dense_ | ((c - c0_) % stride == 0)
+        big = 1 << 40
+        if causal:
+            lo = c
+            hi = torch.where(wide, torch.full_like(c, big), c + local - 1)
+        else:
+            lo = torch.where(wide, torch.full_like(c, -big), c - local + 1)
+            hi = torch.where(wide, torch.full_like(c, big), c + local - 1)
+        lo, hi = torch.broadcast_tensors(lo, hi)  # [H, Mk]
+        r_lo = (lo - shift).clamp(min=0)
+        r_hi = (hi - shift).clamp(max=mq - 1)
+        q_num = (r_hi - r_lo + 1).clamp(min=0).to(torch.int32)  # [H, Mk]
+        # the widest piece (int32 from the start: Hl * Mk * Mq entries)
+        r = torch.arange(mq, device=dev, dtype=torch.int32)[None, None, :]
+        q_idx = (r_lo.to(torch.int32)[..., None] + r).clamp_(max=mq - 1)  # [H, Mk, Mq]
+        return q_num[None], q_idx[None]
+
+    layout = BlockSparseLayout._from_parts(kv_num[None], kv_idx[None], None, None, (bs, bs), seq_q, seq_k,
+                                           q_builder=transposed)
     return layout
 
 
@@ -192,9 +194,10 @@ def strided(
         device: where the layout lives.
 
     Returns:
-        A :class:`BlockSparseLayout`. Built from closed-form indices (no ``Mq x Mk`` mask;
-        the transposed form is ``Hl x Mk x Mq`` int32) and cached per arguments: the pattern
-        is static, so a model calls this every step for free. Treat it as read-only.
+        A :class:`BlockSparseLayout`. Built from closed-form indices (no ``Mq x Mk`` mask)
+        and cached per arguments: the pattern is static, so a model calls this every step
+        for free. The transposed form (``Hl x Mk x Mq`` int32, for gradients) is made on
+        first use, so inference never pays for it. Treat the layout as read-only.
 
     Example::
 
