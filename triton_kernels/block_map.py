@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, _fwd_tile, _tile_needs_mask, dot_precision
+from .block_sparse_fwd import LOG2E, _fwd_tile, _mask_scores, dot_precision
 from .configs import gpu_family, tile_config
 
 
@@ -49,11 +49,7 @@ def _score_tile(
     if UPCAST:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-    if _tile_needs_mask(start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL):
-        keep = o_n[None, :] < seq_k
-        if CAUSAL:
-            keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-        b_s = tl.where(keep, b_s, float("-inf"))
+    b_s = _mask_scores(b_s, offs_m, o_n, start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL)
     return b_s
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, _tile_needs_mask, dot_precision, layout_args
+from .block_sparse_fwd import LOG2E, _mask_scores, _tile_needs_mask, dot_precision, layout_args
 from .configs import gpu_family, kernel_tiles
 
 
@@ -179,11 +179,7 @@ def _dq_tile(
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-    if _tile_needs_mask(start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL):
-        keep = o_n[None, :] < seq_k
-        if CAUSAL:
-            keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-        b_s = tl.where(keep, b_s, float("-inf"))
+    b_s = _mask_scores(b_s, offs_m, o_n, start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL)
     b_p = tl.math.exp2(b_s - b_lse[:, None])
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])

@@ -32,6 +32,18 @@ def _tile_needs_mask(start_m, start_n, BLOCK_N: tl.constexpr, seq_q, seq_k, CAUS
 
 
 @triton.jit
+def _mask_scores(b_s, offs_m, o_n, start_m, start_n, BLOCK_N: tl.constexpr, seq_q, seq_k, CAUSAL: tl.constexpr):
+    """``b_s [BM, BN]`` with ``-inf`` where key ``o_n`` is past ``seq_k`` or, when causal, after
+    query row ``offs_m`` (bottom-right). Only tiles that cross either edge build the mask."""
+    if _tile_needs_mask(start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL):
+        keep = o_n[None, :] < seq_k
+        if CAUSAL:
+            keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+        b_s = tl.where(keep, b_s, float("-inf"))
+    return b_s
+
+
+@triton.jit
 def _fwd_tile(
     acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn,
     start_m, start_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
@@ -46,11 +58,7 @@ def _fwd_tile(
     if UPCAST:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], log2 domain
-    if _tile_needs_mask(start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL):
-        keep = o_n[None, :] < seq_k
-        if CAUSAL:
-            keep = keep & (o_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-        b_s = tl.where(keep, b_s, float("-inf"))
+    b_s = _mask_scores(b_s, offs_m, o_n, start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL)
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
     # A row that has seen nothing yet keeps m = -inf; shift by 0 there so no inf - inf.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
