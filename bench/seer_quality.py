@@ -7,17 +7,22 @@
 2. Freeze it, attach fresh Seer gates and train them with :func:`sparse_attn.training.train_gates`.
 3. On held-out text, for every layer, head and query row, measure the fraction of the row's
    softmax mass that falls in the chosen blocks, at a target density of the causal triangle,
-   for four selectors that all keep the same forced blocks (first block + diagonal):
+   for selectors that each keep exactly ``ceil(d * (r + 1))`` blocks in row ``r`` (the causal
+   triangle's share), the diagonal and the first block ranked first, so every selector computes
+   the same number of blocks and the oracle is a true upper bound:
 
-   * ``gate``   -- the trained gate's logits, ``select_blocks(density=d)``;
-   * ``oracle`` -- the true block mass (sum of P over each block), same selection: the best any
-     block selector of this density can do;
+   * ``gate``   -- the trained gate's logits, ``select_blocks(density=d)`` (the paper's prefill
+     selection: block ``r`` is chosen from its own pooled queries);
+   * ``gate_causal`` -- the same gate, strictly causal (``causal_select=True``): block ``r`` takes
+     block ``r - 1``'s scores plus its own diagonal;
+   * ``oracle`` -- the true block mass (sum of P over each block): the most any selector of the
+     same per-row size (holding the diagonal and first block) can capture;
    * ``local``  -- the nearest blocks (a sliding window);
    * ``random`` -- random scores.
 
-Selection mode: the prefill gate pools each query block's queries (inference prefill, as the
-paper); the oracle also looks at the whole block. Neither is strictly causal inside a block (see
-DESIGN.md, "Causality of data-dependent selection").
+Selection mode: ``gate`` pools each query block's queries (inference prefill, as the paper) and
+the oracle looks at the whole block: neither is strictly causal inside a block (see DESIGN.md,
+"Causality of data-dependent selection"); ``gate_causal``, ``local`` and ``random`` are.
 
     PYTHONPATH=. python bench/seer_quality.py --out bench/results        # ~5 min on 2 CPU cores
 """
@@ -79,6 +84,7 @@ def train_lm(model, tokens: torch.Tensor, steps: int, seq_len: int, batch: int, 
 def captured_mass(model, ids: torch.Tensor, block: int, densities: List[float], seed: int) -> Dict[str, Dict[str, float]]:
     """Mean fraction of attention mass inside the selected blocks, per selector and density."""
     from sparse_attn.integrations.transformers import sparse_patterns
+    from sparse_attn.modules.seer import _previous_block_scores
     from sparse_attn.patterns import select_blocks
 
     patterns = sparse_patterns(model)
@@ -106,7 +112,7 @@ def captured_mass(model, ids: torch.Tensor, block: int, densities: List[float], 
     b, s = ids.shape
     m = -(-s // block)
     gen = torch.Generator().manual_seed(seed)
-    sums = {name: {str(dd): 0.0 for dd in densities} for name in ("gate", "oracle", "local", "random")}
+    sums = {name: {str(dd): 0.0 for dd in densities} for name in ("gate", "gate_causal", "oracle", "local", "random")}
     dens = {name: {str(dd): 0.0 for dd in densities} for name in sums}
     n = 0
     for i, probs in enumerate(out.attentions):  # [B, Hq, S, S]
@@ -122,9 +128,17 @@ def captured_mass(model, ids: torch.Tensor, block: int, densities: List[float], 
         dist = (torch.arange(m)[:, None] - torch.arange(m)[None, :]).float()
         local = (-dist).masked_fill(~tri, float("-inf")).expand(b, h, m, m)
         rnd = torch.randn(b, h, m, m, generator=gen).masked_fill(~tri, float("-inf"))
-        for name, scores in (("gate", gate_logits), ("oracle", oracle), ("local", local), ("random", rnd)):
+        selectors = (("gate", gate_logits), ("gate_causal", _previous_block_scores(gate_logits)),
+                     ("oracle", oracle), ("local", local), ("random", rnd))
+        diag_first = torch.eye(m, dtype=torch.bool)
+        sink_next = torch.zeros(m, m, dtype=torch.bool)
+        sink_next[1:, 0] = True
+        for name, scores in selectors:
+            # forced blocks inside the per-row budget: diagonal first, then the first block
+            scores = scores.float().masked_fill(sink_next, 1e30).masked_fill(diag_first, 2e30)
             for dd in densities:
-                lay = select_blocks(scores, density=dd, block_size=block, seq_q=s, seq_k=s)
+                lay = select_blocks(scores, density=dd, keep_first=0, keep_last=0, block_size=block,
+                                    seq_q=s, seq_k=s)
                 keep = lay.to_block_mask().expand(b, h, m, m)  # [B, H, M, M]
                 got = (block_mass * keep[:, :, :, None, :]).sum(-1)  # [B, H, M, block]
                 sums[name][str(dd)] += float(got[:, :, row_valid].mean())
@@ -180,13 +194,16 @@ def main(argv=None) -> int:
     quality = captured_mass(model, ids, args.block, densities, args.seed)
     log("captured attention mass (mean over layers, heads, rows):")
     for name, row in quality["mass"].items():
-        log("  " + name.ljust(7) + "  ".join(f"d={d}: {v:.3f} (real density {quality['density'][name][d]:.3f})"
+        log("  " + name.ljust(12) + "  ".join(f"d={d}: {v:.3f} (real density {quality['density'][name][d]:.3f})"
                                               for d, v in row.items()))
 
     os.makedirs(args.out, exist_ok=True)
     result = {
         "what": "fraction of true attention mass inside the selected blocks, held-out stdlib text",
-        "selection_mode": "prefill: per query block from its pooled queries (not strictly causal inside a block)",
+        "selection_mode": {"gate": "prefill: per query block from its own pooled queries (looks ahead inside "
+                                   "the block)", "gate_causal": "strictly causal: previous block's scores + diagonal",
+                           "oracle": "true block mass (looks at the whole block)", "local": "causal",
+                           "random": "causal"},
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
         "machine": platform.machine(), "device": "cpu",
         "model": dict(layers=args.layers, hidden=128, heads=4, kv_heads=2, head_dim=32, vocab="bytes (257)"),

@@ -19,11 +19,16 @@ def test_seer_quality_runs(tmp_path):
                    "--seq-len", "128", "--chars", "120000"])
     assert rc == 0
     res = json.loads((tmp_path / "seer_quality_cpu.json").read_text())
-    for name in ("gate", "oracle", "local", "random"):
+    for name in ("gate", "gate_causal", "oracle", "local", "random"):
         for d in ("0.1", "0.25"):
             assert 0.0 < res["mass"][name][d] <= 1.0 + 1e-6
             assert 0.0 < res["density"][name][d] <= 1.0
+    # same per-row budget for every selector, so they compute the same blocks count and the
+    # oracle (true block mass) is an upper bound
+    for d in ("0.1", "0.25"):
+        assert len({round(res["density"][n][d], 9) for n in res["density"]}) == 1
+        assert res["mass"]["oracle"][d] >= max(res["mass"][n][d] for n in res["mass"]) - 1e-6
     # each selector ranks blocks once, so its density-0.25 set contains its density-0.1 set
-    for name in ("gate", "oracle", "local", "random"):
+    for name in ("gate", "gate_causal", "oracle", "local", "random"):
         assert res["mass"][name]["0.25"] >= res["mass"][name]["0.1"] - 1e-6
         assert res["density"][name]["0.25"] > res["density"][name]["0.1"]
