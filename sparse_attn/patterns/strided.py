@@ -126,13 +126,18 @@ def _build(num_heads, seq_q, seq_k, bs, local, stride, homo, n_dense, offset, ca
     width = max(1, min(mk, (mk + stride - 1) // stride + (local if causal else 2 * local) + 1))
     if n_dense:
         width = mk
-    j = torch.arange(width, device=dev, dtype=torch.int64)[None, None, :]  # [1, 1, K]
-    n_pre3, n_win3 = n_pre[..., None], n_win[..., None]
-    idx = torch.where(
-        j < n_pre3, c0_[..., None] + j * stride,
-        torch.where(j < n_pre3 + n_win3, win_lo[..., None] + (j - n_pre3),
-                    first_post[..., None] + (j - n_pre3 - n_win3) * stride))
-    kv_idx = idx.clamp(0, last).to(torch.int32)  # [H, Mq, K]
+    # slot j of a row: run 1 (j < n_pre), the window, run 2; int32 and in place on the one
+    # [H, Mq, K] temporary, since this is the big piece (8 heads x 2048 rows x 273 slots at 128k)
+    i32 = torch.int32
+    j = torch.arange(width, device=dev, dtype=i32)[None, None, :]  # [1, 1, K]
+    n_pre3, n_win3 = n_pre.to(i32)[..., None], n_win.to(i32)[..., None]  # [H, Mq, 1]
+    t = j - n_pre3  # [H, Mq, K] slot index relative to the window start
+    in_pre, in_post = t < 0, t >= n_win3
+    kv_idx = t + win_lo.to(i32)[..., None]
+    t.sub_(n_win3).mul_(stride).add_(first_post.to(i32)[..., None])  # run 2 candidates
+    kv_idx = torch.where(in_post, t, kv_idx)
+    kv_idx = torch.where(in_pre, c0_.to(i32)[..., None] + j * stride, kv_idx)  # run 1: [H, 1, K]
+    kv_idx.clamp_(0, last)  # [H, Mq, K]; slots past the count are padding
 
     def transposed():
         # column c is read by absolute rows [lo, hi] (then r = i - shift): one contiguous range
