@@ -65,3 +65,7 @@ def test_cli_dispatch(capsys):
         cli_main(["train-gates", "--help"])
     assert e.value.code == 0
     assert "--model" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "--quick" in capsys.readouterr().out
