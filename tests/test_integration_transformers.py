@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from sparse_attn.modules.functional import left_padding  # noqa: E402
 from sparse_attn.integrations.transformers import (  # noqa: E402
     ATTN_NAME,
     apply_sparse_attention,
@@ -135,12 +136,50 @@ def test_s2_sparse_matches_sdpa_with_its_element_mask(base):
     assert (got - _logits(base, ids)).abs().max() > 1e-3  # really sparse
     mask = _s2_element_mask(83, 16, 1, 3, 2, 4)
     torch.testing.assert_close(got, _logits(base, ids, attention_mask=mask), atol=1e-5, rtol=1e-5)
-    # left padding: the layout (tensor coordinates) AND the padding mask
-    pad = torch.ones(1, 83, dtype=torch.bool)
-    pad[0, :20] = False
-    got = _logits(model, ids, attention_mask=pad.long())
-    want = _logits(base, ids, attention_mask=mask & pad[:, None, None, :])
-    torch.testing.assert_close(got[pad], want[pad], atol=1e-5, rtol=1e-5)
+
+
+def test_s2_left_padded_batch_equals_each_prompt_alone(base):
+    """Layouts are anchored at each sequence's first real token, so padding changes nothing."""
+    model = _patched(base, "s2", block_size=16, local_blocks=1, vert_stride=3)
+    ids, mask = _left_padded()
+    got = _logits(model, ids, attention_mask=mask)
+    for b, p in enumerate((0, 13, 30)):
+        alone = _logits(model, ids[b:b + 1, p:])
+        torch.testing.assert_close(got[b, p:], alone[0], atol=1e-5, rtol=1e-5)
+    # and it is the S2 element mask of the unpadded prompt, not of the padded tensor
+    want = _logits(base, ids[1:2, 13:], attention_mask=_s2_element_mask(28, 16, 1, 3, 2, 4))
+    torch.testing.assert_close(got[1, 13:], want[0], atol=1e-5, rtol=1e-5)
+    train = _patched(base, "s2", block_size=16, local_blocks=1, vert_stride=3).train()
+    train(ids, attention_mask=mask).logits[mask.bool()].square().mean().backward()
+    grads = [p.grad for p in train.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for b, p in enumerate((0, 13, 30)):
+        alone = model.generate(ids[b:b + 1, p:], **kw)[0, 41 - p:].tolist()
+        new = batch[b, 41:].tolist()
+        assert new[: len(alone)] == alone and set(new[len(alone):]) <= {0}  # a finished row is padded
+
+
+def test_left_padding_detection():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    pad = torch.ones(3, 6, dtype=torch.bool)
+    pad[1, :2] = False
+    pad[2, :5] = False
+    assert left_padding(causal & pad[:, None, None, :], 6, 6) == [0, 2, 5]
+    # decode step (one query at the end) and a chunk of queries over a longer cache
+    assert left_padding((causal & pad[:, None, None, :])[:, :, -1:], 1, 6) == [0, 2, 5]
+    assert left_padding((causal & pad[:, None, None, :])[:, :, -3:], 3, 6) == [0, 2, 5]
+    right = torch.ones(2, 6, dtype=torch.bool)
+    right[1, 4:] = False
+    assert left_padding(causal & right[:, None, None, :], 6, 6) is None
+    packed = causal.clone()
+    packed[..., 3:, :3] = False  # two documents in one row
+    assert left_padding(packed, 6, 6) is None
+    window = causal & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)[None, None]
+    assert left_padding(window, 6, 6) is None
+    additive = torch.zeros(1, 1, 6, 6).masked_fill(~causal, float("-inf"))
+    assert left_padding(additive, 6, 6) == [0]
 
 
 def test_s2_chunked_prefill_and_decode_match_the_full_forward(base):

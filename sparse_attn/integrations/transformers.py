@@ -35,14 +35,17 @@ Which path runs (K/V arrive un-repeated ``[B, Hkv, Sk, D]``; GQA goes straight t
   decode (``Sq == 1``) and chunked prefill (``Sq < Sk``) use the method's rule bottom-right where
   it has one (S2: yes; Seer: its decode gate, if any) and dense otherwise; ``decode="dense"``
   forces dense there.
-* **Padding or any other element mask** (left-padded batches, packed sequences, sliding windows,
-  static caches, a user 4-D mask; also a padding mask passed inside a ``torch.compile`` region,
-  where it cannot be inspected): a block layout cannot express per-token masks, so attention is
-  computed exactly over ``layout AND mask`` by :func:`sparse_attn.modules.masked_attention`
-  (PyTorch SDPA, chunked over query rows). Results are exact -- with ``method="dense"`` identical
-  to sdpa, padding keys never seen -- at dense cost. The layout is in the coordinates of the
-  padded tensors; where the mask shows the queries are not the last keys (a static cache's empty
-  slots) the layout is not applied and the step is dense.
+* **Left padding** (a padded ``generate()`` batch) with dense, s2 or block_mask: the sparse op runs
+  per padding group on the unpadded tokens, with layouts anchored at each sequence's first real
+  token, so a padded prompt gets exactly what it gets alone (and dense equals sdpa).
+* **Any other element mask** (packed sequences, sliding windows, static caches, a user 4-D mask,
+  Seer with padding -- its decode cache holds the whole batch --, and any mask inside a
+  ``torch.compile`` region, where it cannot be inspected): a block layout cannot express
+  per-token masks, so attention is computed exactly over ``layout AND mask`` by
+  :func:`sparse_attn.modules.masked_attention` (PyTorch SDPA, chunked over query rows), at dense
+  cost. The layout is in the coordinates of the padded tensors; where the mask shows the queries
+  are not the last keys (a static cache's empty slots) the layout is not applied and the step is
+  dense.
 * Not supported (ValueError): attention dropout > 0, non-causal attention, ``softcap``,
   attention sinks, paged (continuous-batching) caches. Seer's decode gate keeps per-sequence
   state: no beam-search reordering.

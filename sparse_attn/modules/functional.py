@@ -5,8 +5,14 @@ integrations (Hugging Face, and the Megatron / vLLM adapters), so every front en
 
 * no element mask (the usual case: no padding, plain causal): :func:`sparse_attn.sparse_attention`
   with the pattern's layout, bottom-right causal -- the fast path;
-* an element mask (padding, packed sequences, sliding windows, a user 4-D mask): the block layout
-  cannot express per-token masks, so :func:`masked_attention` computes exactly
+* a left-padding mask (each sequence: padding keys first, then plain bottom-right causal -- what
+  a padded ``generate()`` batch gives), for patterns whose layout depends only on the sequence
+  (``pattern.per_sequence``: dense, S2, block_mask): the sparse op runs once per distinct padding
+  on the unpadded tokens, with the layout anchored at the first real token, so a padded prompt
+  gets exactly what it gets alone (padding query rows give 0); see :func:`left_padding`;
+* any other element mask (packed sequences, sliding windows, a user 4-D mask; Seer with padding;
+  under ``torch.compile``): the block layout cannot express per-token masks, so
+  :func:`masked_attention` computes exactly
   ``softmax(QK^T + mask) V`` over ``layout AND mask`` with PyTorch SDPA, a chunk of query rows at a
   time (dense cost, sparse result; rows that see nothing give 0). Layouts place the queries on the
   last ``Sq`` keys; when the mask shows otherwise (its last query cannot see the last key, as with
@@ -16,7 +22,8 @@ integrations (Hugging Face, and the Megatron / vLLM adapters), so every front en
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +33,7 @@ from ..layout import BlockSparseLayout
 from ..ops import sparse_attention
 from .patterns import AttentionPattern
 
-__all__ = ["pattern_attention", "masked_attention"]
+__all__ = ["pattern_attention", "masked_attention", "left_padding"]
 
 # Elements of the [B, Hq, chunk, Sk] element mask built at once by the masked path.
 _MASK_CHUNK_ELEMENTS = 1 << 24
@@ -115,6 +122,67 @@ def masked_attention(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+_PADS_SEEN: dict = {}  # the last mask checked: Hugging Face hands every layer the same mask tensor
+
+
+def left_padding(attn_mask: Tensor, seq_q: int, seq_k: int) -> Optional[List[int]]:
+    """Per sequence, the number of leading padding keys, if ``attn_mask`` is pure left padding.
+
+    Pure left padding: for sequence ``b`` with ``p_b`` padding keys, query ``i`` (at key position
+    ``i + seq_k - seq_q``) may see key ``j`` iff ``p_b <= j <= i + seq_k - seq_q`` (so padding
+    queries, at positions ``< p_b``, see nothing). Returns None for any other mask, e.g. right
+    padding, packed sequences (whose first document would otherwise pass for padding), sliding
+    windows, or a builder that lets padding queries see keys. Reads the mask back to the host (one sync, cached for the same unchanged mask tensor).
+
+    Example::
+
+        >>> pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+        >>> mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+        >>> left_padding(mask, 5, 5)
+        [2, 0]
+    """
+    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[-2:] != (seq_q, seq_k):
+        return None
+    # Same tensor object (a live weak reference, so never a new tensor at a recycled address), not
+    # modified in place since.
+    seen = _PADS_SEEN.get("ref")
+    if seen is not None and seen() is attn_mask and _PADS_SEEN["version"] == attn_mask._version:
+        return _PADS_SEEN["pads"]
+    vis = _visible(attn_mask)[:, 0]  # [B, Sq, Sk]
+    pads = (~vis[:, -1]).to(torch.int32).cumprod(-1).sum(-1)  # leading hidden keys of the last query
+    i = torch.arange(seq_q, device=vis.device)[None, :, None] + (seq_k - seq_q)  # key position of query i
+    j = torch.arange(seq_k, device=vis.device)[None, None, :]
+    p = pads[:, None, None]
+    expected = (j >= p) & (j <= i)  # padding queries (i < p) see nothing
+    ok = bool((vis == expected).all())
+    result = pads.tolist() if ok else None
+    _PADS_SEEN.update(ref=weakref.ref(attn_mask), version=attn_mask._version, pads=result)
+    return result
+
+
+def _per_sequence(pattern: AttentionPattern, q: Tensor, k: Tensor, v: Tensor, pads: List[int],
+                  position_ids: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    """Left-padded batch: the sparse op on each padding group's real tokens, layouts anchored at
+    their first real token; padding query rows give 0."""
+    b, hq, sq, d = q.shape
+    off = k.shape[2] - sq
+    out = q.new_zeros(q.shape)
+    for p in sorted(set(pads)):
+        rows = [i for i, x in enumerate(pads) if x == p]
+        q0 = max(0, p - off)  # first query at or after the first real key
+        if q0 >= sq:
+            continue
+        sel = torch.tensor(rows, device=q.device)
+        qb, kb, vb = q[sel, :, q0:], k[sel, :, p:], v[sel, :, p:]
+        pos = position_ids
+        if pos is not None:
+            pos = pos[sel, q0:] if pos.dim() == 2 and pos.shape[0] == b else pos[..., q0:]
+        layout = pattern(qb, kb, position_ids=pos)
+        ob = sparse_attention(qb, kb, vb, layout, causal=True, scale=scale, backend=pattern.backend)
+        out = out.index_put((sel,), torch.cat([ob.new_zeros(len(rows), hq, q0, d), ob], dim=2))
+    return out
+
+
 def pattern_attention(
     pattern: Optional[AttentionPattern],
     q: Tensor,
@@ -134,8 +202,9 @@ def pattern_attention(
         q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Sk, D]``, post-RoPE, ``Sq <= Sk`` (queries are the
             last ``Sq`` positions: bottom-right causal, so decode and chunked prefill are right).
         attn_mask: None (plain bottom-right causal: the sparse op runs), or a 4-D boolean/additive
-            mask that already holds the causal rule (padding etc.: the exact masked path runs, see
-            :func:`masked_attention`).
+            mask that already holds the causal rule: left padding runs the sparse op per padding
+            group (layouts anchored at the first real token), anything else the exact masked
+            path (:func:`masked_attention`).
         q_pre, k_pre: pre-RoPE q and this call's pre-RoPE keys, for patterns that need them.
         position_ids: ``[Sq]`` or ``[B, Sq]`` absolute positions of the queries (for patterns).
         scale: softmax scale, default ``D ** -0.5``.
@@ -156,6 +225,11 @@ def pattern_attention(
             raise ValueError("distillation runs on whole unpadded sequences: attn_mask must be None")
         return pattern.distillation_forward(q, k, v, q_pre=q_pre, k_pre=k_pre, position_ids=position_ids,
                                             scale=scale)
+    if (attn_mask is not None and pattern is not None and pattern.per_sequence
+            and not torch.compiler.is_compiling()):
+        pads = left_padding(attn_mask, q.shape[2], k.shape[2])
+        if pads is not None:
+            return _per_sequence(pattern, q, k, v, pads, position_ids, scale)
     layout = None
     if pattern is not None:
         layout = pattern(q, k, q_pre=q_pre, k_pre=k_pre, position_ids=position_ids)

@@ -96,10 +96,14 @@ class AttentionPattern(nn.Module):
         distill: when True, :func:`~sparse_attn.modules.pattern_attention` runs
             :meth:`distillation_forward` (dense output + ``last_loss``) instead of sparse attention.
         last_loss: the last distillation loss (a scalar tensor), or None.
+        per_sequence: the layout depends only on the sequence it is given (no state kept across
+            calls), so a left-padded batch can run one unpadded sequence at a time with layouts
+            anchored at each sequence's first real token (see :func:`~sparse_attn.modules.pattern_attention`).
     """
 
     name: ClassVar[str] = ""
     needs_pre_rope: ClassVar[bool] = False
+    per_sequence: ClassVar[bool] = True
 
     def __init__(self, *, block_size: int = 64, decode: str = "sparse", backend: str = "auto") -> None:
         super().__init__()

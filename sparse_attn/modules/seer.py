@@ -55,6 +55,7 @@ class SeerPattern(AttentionPattern):
 
     name = "seer"
     needs_pre_rope = True
+    per_sequence = False  # the decode gate's cache holds the whole batch
 
     def __init__(
         self,
