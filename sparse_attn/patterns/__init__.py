@@ -3,7 +3,7 @@
 =========================  ==================================================================
 name                       what
 =========================  ==================================================================
-``strided``                S2-Attention / DKernel: local window + per-head strided blocks
+``strided``                S2-Attention / DKernel: local window + per-head strided blocks (module ``s2``)
 ``S2KVCache``              decode KV cache that keeps, per KV head, only the S2 shard it reads
 ``S2DecodePart``           one op call's share of an ``S2KVCache`` decode (dense heads apart)
 ``select_blocks``          scores/logits -> layout (threshold, top-k or target density)
@@ -21,8 +21,8 @@ Names are resolved lazily, so importing one pattern never imports the others (or
 from importlib import import_module as _import_module
 
 _EXPORTS = {
-    "strided": ".strided",
-    "strided_block_mask": ".strided",
+    "strided": ".s2",
+    "strided_block_mask": ".s2",
     "S2KVCache": ".s2_cache",
     "S2DecodePart": ".s2_cache",
     "select_blocks": ".select",

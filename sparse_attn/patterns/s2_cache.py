@@ -1,6 +1,6 @@
 """A decode KV cache for S2-Attention that keeps, per KV head, only the blocks that head reads.
 
-With the S2 rule (see :mod:`sparse_attn.patterns.strided`, ``num_heads = Hkv``: one pattern per
+With the S2 rule (see :mod:`sparse_attn.patterns.s2`, ``num_heads = Hkv``: one pattern per
 KV head, shared by its GQA group), the token at position ``p`` (block ``i = p // block_size``)
 reads key block ``c <= i`` of KV head ``h`` iff ``i - c < local_blocks`` or ``c`` is on the
 head's stride, ``(c + h_eff * step + head_sliding_offset) % vert_stride == 0``. Decoding only
