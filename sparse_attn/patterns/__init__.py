@@ -4,7 +4,7 @@
 name                       what
 =========================  ==================================================================
 ``strided``                S2 / DKernel: local window + per-head strided blocks (``s2.py``)
-``S2KVCache``              decode KV cache that keeps, per KV head, only the S2 shard it reads
+``S2KVCache``              decode KV cache keeping, per KV head, only the S2 shard it reads
 ``S2DecodePart``           one op call's share of an ``S2KVCache`` decode (dense heads apart)
 ``select_blocks``          scores/logits -> layout (threshold, top-k or target density)
 ``attention_block_map``    block max-pooled softmax map (SeerAttention's training target)
