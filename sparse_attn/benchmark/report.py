@@ -262,6 +262,20 @@ def write_outputs(out_dir: str, stem: str, meta: Dict[str, Any], rows: List[Dict
     return paths
 
 
+def _finish_axis(ax: Any, title: str) -> None:
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=5, ncol=2)
+
+
+def _save_figure(plt: Any, fig: Any, title: str, path: str) -> str:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(out_dir: str, stem: str, rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> Tuple[List[str], str]:
     """PNG plots: ``<stem>_speedup.png`` (speed-up over the SDPA baseline vs computed density, one
     line per sequence length and kernel) and ``<stem>_tflops.png`` (TFLOP/s vs sequence length,
@@ -323,14 +337,9 @@ def write_plots(out_dir: str, stem: str, rows: List[Dict[str, Any]], meta: Dict[
         ax.set_xlabel("computed fraction of causal blocks")
         ax.set_ylabel(f"speed-up over {meta.get('baseline')} (dense causal)")
         ax.set_yscale("log")
-        ax.set_title(p)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=5, ncol=2)
-    fig.suptitle(f"speed-up vs density: {title}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, f"{stem}_speedup.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _finish_axis(ax, p)
+    paths.append(_save_figure(plt, fig, f"speed-up vs density: {title}",
+                              os.path.join(out_dir, f"{stem}_speedup.png")))
 
     # 2) TFLOP/s (computed blocks) vs sequence length: colour = pattern, solid = ours,
     #    dashed = masked peer, dotted = dense peers.
@@ -356,14 +365,9 @@ def write_plots(out_dir: str, stem: str, rows: List[Dict[str, Any]], meta: Dict[
         seq_ticks(ax, seqs)
         ax.set_xlabel("sequence length")
         ax.set_ylabel("TFLOP/s (computed blocks)")
-        ax.set_title(p)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=5, ncol=2)
-    fig.suptitle(f"TFLOP/s vs sequence length: {title}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, f"{stem}_tflops.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _finish_axis(ax, p)
+    paths.append(_save_figure(plt, fig, f"TFLOP/s vs sequence length: {title}",
+                              os.path.join(out_dir, f"{stem}_tflops.png")))
     return paths, "wrote " + ", ".join(paths)
 
 
