@@ -253,7 +253,7 @@ class BlockSparseLayout:
         layout.block_size = (int(block_size[0]), int(block_size[1]))
         layout.seq_q, layout.seq_k = int(seq_q), int(seq_k)
         layout.kv_num, layout.kv_idx = kv_num.contiguous(), kv_idx.contiguous()
-        layout._mk = -(-layout.seq_k // layout.block_size[1])
+        layout._mk = _ceil_div(layout.seq_k, layout.block_size[1])
         layout._q = None if q_num is None else (q_num.contiguous(), q_idx.contiguous())
         layout._q_builder = q_builder
         return layout

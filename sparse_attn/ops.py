@@ -17,7 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .layout import BlockSparseLayout, _expand
+from .layout import BlockSparseLayout, _ceil_div, _expand
 from .reference import reference_backward, reference_forward
 
 __all__ = ["sparse_attention", "BACKENDS", "available_backends"]
@@ -80,7 +80,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _block_mask(kv_num: Optional[Tensor], kv_idx: Optional[Tensor], seq_k: int, block_k: int):
-    return None if kv_num is None else _expand(kv_num, kv_idx, -(-seq_k // block_k))
+    return None if kv_num is None else _expand(kv_num, kv_idx, _ceil_div(seq_k, block_k))
 
 
 @torch.library.custom_op("sparse_attn::sparse_attention", mutates_args=())
@@ -215,9 +215,9 @@ def _check_layout(layout, q: Tensor, k: Tensor) -> None:
         raise ValueError(
             f"layout was built for seq_q={layout.seq_q}, seq_k={layout.seq_k} but q/k have Sq={sq}, Sk={sk}"
         )
-    if mq != -(-sq // bq) or mk != -(-sk // bk):
+    if mq != _ceil_div(sq, bq) or mk != _ceil_div(sk, bk):
         raise ValueError(f"layout has {mq}x{mk} blocks; Sq={sq}, Sk={sk} with blocks {bq}x{bk} need "
-                         f"{-(-sq // bq)}x{-(-sk // bk)}")
+                         f"{_ceil_div(sq, bq)}x{_ceil_div(sk, bk)}")
     if bl not in (1, b):
         raise ValueError(f"layout batch dim must be 1 or B={b}, got {bl}")
     if hl not in (1, hkv, hq):

@@ -31,20 +31,13 @@ from torch import Tensor
 
 from ..layout import BlockSparseLayout
 from ..ops import sparse_attention
+from ..reference import _expand_kv
 from .patterns import AttentionPattern
 
 __all__ = ["pattern_attention", "masked_attention", "left_padding"]
 
 # Elements of the [B, Hq, chunk, Sk] element mask built at once by the masked path.
 _MASK_CHUNK_ELEMENTS = 1 << 24
-
-
-def _repeat_kv(x: Tensor, group: int) -> Tensor:
-    """``[B, Hkv, S, D]`` -> ``[B, Hkv * group, S, D]`` (query head ``h`` reads KV head ``h // group``)."""
-    if group == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, group, s, d).reshape(b, h * group, s, d)
 
 
 def _visible(mask: Tensor) -> Tensor:
@@ -91,13 +84,12 @@ def masked_attention(
     if attn_mask.dim() != 4:
         raise ValueError(f"attn_mask must be 4-D (broadcastable to [B, Hq, Sq, Sk]), got {tuple(attn_mask.shape)}")
     b, hq, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
+    sk = k.shape[2]
     if attn_mask.shape[-1] != sk or attn_mask.shape[-2] not in (1, sq):
         raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not fit Sq={sq}, Sk={sk}")
     if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)
-    group = hq // hkv
-    kx, vx = _repeat_kv(k, group), _repeat_kv(v, group)
+    kx, vx = _expand_kv(k, hq, k.dtype), _expand_kv(v, hq, v.dtype)  # SDPA with a mask wants Hq heads
     if layout is None:
         out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=attn_mask, scale=scale)
         return torch.where(_visible(attn_mask).any(-1, keepdim=True), out, out.new_zeros(()))

@@ -22,7 +22,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..layout import SUPPORTED_BLOCK_SIZES
+from ..layout import SUPPORTED_BLOCK_SIZES, _ceil_div
 from ..ops import _MAX_KERNEL_HEAD_DIM, _resolve_backend
 
 __all__ = ["attention_block_map", "block_map_reference"]
@@ -32,10 +32,6 @@ _BACKENDS = ("auto", "triton", "reference")
 _REDUCTIONS = (None, "max")
 # Elements of the [B, Hq, chunk, Sk] probability tile the reference keeps at once.
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _normalise_rows(m: Tensor) -> Tensor:

@@ -41,15 +41,11 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, _expand
+from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, _ceil_div, _expand
 
 __all__ = ["strided", "strided_block_mask"]
 
 Device = Union[str, torch.device, None]
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, num_dense_heads, active_head_range):
@@ -82,6 +78,17 @@ def _check(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, num_d
     return h0, h1
 
 
+def stride_residue(head: int, num_heads: int, vert_stride: int, homo_head: bool, head_sliding_offset: int) -> int:
+    """The residue ``r`` such that key block ``c`` is on head ``head``'s stride iff
+    ``c % vert_stride == r``: ``(c + h_eff * step + head_sliding_offset) % vert_stride == 0``.
+
+    >>> [stride_residue(h, 2, 4, False, 0) for h in range(2)]
+    [0, 2]
+    """
+    step = max(1, vert_stride // num_heads)
+    return (-((0 if homo_head else head) * step + head_sliding_offset)) % vert_stride
+
+
 @functools.lru_cache(maxsize=64)
 def _build(num_heads, seq_q, seq_k, bs, local, stride, homo, n_dense, offset, causal, h0, h1, device):
     """(kv_num, kv_idx, q_num, q_idx) straight from the formula, never an [Mq, Mk] mask.
@@ -93,10 +100,9 @@ def _build(num_heads, seq_q, seq_k, bs, local, stride, homo, n_dense, offset, ca
     dev = torch.device(device)
     mq, mk = _ceil_div(seq_q, bs), _ceil_div(seq_k, bs)
     shift = (seq_k - seq_q) // bs  # floor: i = r + shift for every row
-    step = max(1, stride // num_heads)
     heads = torch.arange(h0, h1, device=dev, dtype=torch.int64)  # global head indices
-    h_eff = torch.zeros_like(heads) if homo else heads
-    c0 = (-(h_eff * step + offset)) % stride  # [H] first column on the head's stride
+    c0 = torch.tensor([stride_residue(h, num_heads, stride, homo, offset) for h in range(h0, h1)],
+                      device=dev, dtype=torch.int64)  # [H] first column on the head's stride
     dense = heads >= num_heads - n_dense  # [H]
 
     i = torch.arange(mq, device=dev, dtype=torch.int64) + shift  # [Mq] absolute block of each row

@@ -40,15 +40,12 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
+from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, _ceil_div
+from .s2 import stride_residue
 
 __all__ = ["S2KVCache", "S2DecodePart"]
 
 Device = Union[str, torch.device, None]
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -76,8 +73,7 @@ def _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dens
 def _stride_residues(num_kv_heads: int, vert_stride: int, homo_head: bool, num_dense_heads: int,
                      head_sliding_offset: int) -> List[int]:
     """Per sharded head ``h``: the residue ``r_h`` with ``c`` on the stride iff ``c % V == r_h``."""
-    step = max(1, vert_stride // num_kv_heads)
-    return [(-((0 if homo_head else h) * step + head_sliding_offset)) % vert_stride
+    return [stride_residue(h, num_kv_heads, vert_stride, homo_head, head_sliding_offset)
             for h in range(num_kv_heads - num_dense_heads)]
 
 

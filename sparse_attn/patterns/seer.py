@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layout import _ceil_div
+from .select import causal_block_mask
+
 __all__ = ["SeerGate", "SeerDecodeGate", "distillation_loss", "save_gates", "load_gates"]
 
 POOLING_MODES = ("avg", "max", "min")
@@ -69,10 +72,6 @@ _FORMAT_VERSION = 1
 # --------------------------------------------------------------------------------------------------
 # Shared helpers (also used by seer_decode.py)
 # --------------------------------------------------------------------------------------------------
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _check_pooling(name: str, pooling: Union[str, Iterable[str]]) -> Tuple[str, ...]:
     if isinstance(pooling, str):
         pooling = (pooling,)
@@ -209,10 +208,60 @@ def _check_qk(q, k, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
 
 
+class _BlockGate(nn.Module):
+    """What the prefill and decode gates share: settings, the batched per-head projections
+    (``q_weight [Hq', in_q, hidden]``, ``k_weight [Hkv, D * len(k_pooling), hidden]``, biases),
+    their initialisation and the JSON config. Subclasses give the query projection's shape."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, hidden_size: int,
+                 k_pooling: Sequence[str], use_rope: bool, rope_theta: float,
+                 q_pooling: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        _check_common_kwargs(num_heads, num_kv_heads, head_dim, block_size, hidden_size, use_rope, rope_theta)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.hidden_size = hidden_size
+        if q_pooling is not None:
+            self.q_pooling = _check_pooling("q_pooling", q_pooling)
+        self.k_pooling = _check_pooling("k_pooling", k_pooling)
+        self.use_rope = bool(use_rope)
+        self.rope_theta = float(rope_theta)
+        q_heads, q_in = self._query_projection_shape()
+        self.q_weight = nn.Parameter(torch.empty(q_heads, q_in, hidden_size))
+        self.q_bias = nn.Parameter(torch.empty(q_heads, hidden_size))
+        self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(self.k_pooling), hidden_size))
+        self.k_bias = nn.Parameter(torch.empty(num_kv_heads, hidden_size))
+        self.reset_parameters()
+
+    def _query_projection_shape(self) -> Tuple[int, int]:
+        """``(heads, input features)`` of the query projection."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation, per projection head."""
+        _init_heads_linear(self.q_weight, self.q_bias)
+        _init_heads_linear(self.k_weight, self.k_bias)
+
+    def get_config(self) -> Dict[str, Any]:
+        """Constructor kwargs (JSON-serialisable); ``type(gate)(**gate.get_config())`` rebuilds it."""
+        cfg: Dict[str, Any] = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                   head_dim=self.head_dim, block_size=self.block_size,
+                                   hidden_size=self.hidden_size)
+        if hasattr(self, "q_pooling"):
+            cfg["q_pooling"] = list(self.q_pooling)
+        cfg.update(k_pooling=list(self.k_pooling), use_rope=self.use_rope, rope_theta=self.rope_theta)
+        return cfg
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.get_config().items())
+
+
 # --------------------------------------------------------------------------------------------------
 # The prefill gate
 # --------------------------------------------------------------------------------------------------
-class SeerGate(nn.Module):
+class SeerGate(_BlockGate):
     """SeerAttention's block gate for prefill: scores every (query block, key block) pair.
 
     Pipeline, per block of ``block_size`` tokens: pool q with each of ``q_pooling`` and k with each
@@ -262,46 +311,11 @@ class SeerGate(nn.Module):
         use_rope: bool = True,
         rope_theta: float = 10000.0,
     ) -> None:
-        super().__init__()
-        _check_common_kwargs(num_heads, num_kv_heads, head_dim, block_size, hidden_size, use_rope, rope_theta)
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.block_size = block_size
-        self.hidden_size = hidden_size
-        self.q_pooling = _check_pooling("q_pooling", q_pooling)
-        self.k_pooling = _check_pooling("k_pooling", k_pooling)
-        self.use_rope = bool(use_rope)
-        self.rope_theta = float(rope_theta)
-        q_in, k_in = head_dim * len(self.q_pooling), head_dim * len(self.k_pooling)
-        self.q_weight = nn.Parameter(torch.empty(num_heads, q_in, hidden_size))
-        self.q_bias = nn.Parameter(torch.empty(num_heads, hidden_size))
-        self.k_weight = nn.Parameter(torch.empty(num_kv_heads, k_in, hidden_size))
-        self.k_bias = nn.Parameter(torch.empty(num_kv_heads, hidden_size))
-        self.reset_parameters()
+        super().__init__(num_heads, num_kv_heads, head_dim, block_size, hidden_size, k_pooling, use_rope,
+                         rope_theta, q_pooling=q_pooling)
 
-    def reset_parameters(self) -> None:
-        """nn.Linear's default initialisation, per head."""
-        _init_heads_linear(self.q_weight, self.q_bias)
-        _init_heads_linear(self.k_weight, self.k_bias)
-
-    def get_config(self) -> Dict[str, Any]:
-        """Constructor kwargs (JSON-serialisable); ``SeerGate(**gate.get_config())`` rebuilds it."""
-        return dict(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            block_size=self.block_size,
-            hidden_size=self.hidden_size,
-            q_pooling=list(self.q_pooling),
-            k_pooling=list(self.k_pooling),
-            use_rope=self.use_rope,
-            rope_theta=self.rope_theta,
-        )
-
-    def extra_repr(self) -> str:
-        c = self.get_config()
-        return ", ".join(f"{k}={v}" for k, v in c.items())
+    def _query_projection_shape(self) -> Tuple[int, int]:
+        return self.num_heads, self.head_dim * len(self.q_pooling)  # per query head, pooled features
 
     def block_mask(self, seq_q: int, seq_k: int, device=None) -> torch.Tensor:
         """The gate's block-causal mask, bool ``[Mq, Mk]`` (True = allowed), bottom-right aligned.
@@ -312,10 +326,7 @@ class SeerGate(nn.Module):
             [[1, 1, 0], [1, 1, 1]]
         """
         b = self.block_size
-        mq, mk = _ceil_div(seq_q, b), _ceil_div(seq_k, b)
-        last_q = (torch.arange(1, mq + 1, device=device) * b).clamp(max=seq_q) - 1
-        max_key = last_q + (seq_k - seq_q)  # last key visible to the block's last query
-        return (torch.arange(mk, device=device) * b)[None, :] <= max_key[:, None]
+        return causal_block_mask(_ceil_div(seq_q, b), _ceil_div(seq_k, b), b, seq_q, seq_k, device)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, position_ids: Optional[torch.Tensor] = None

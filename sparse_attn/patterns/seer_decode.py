@@ -37,18 +37,15 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
+from ..layout import _ceil_div
 from .seer import (
+    _BlockGate,
     _block_pos,
-    _ceil_div,
-    _check_common_kwargs,
-    _check_pooling,
     _check_qk,
-    _init_heads_linear,
     _pool_blocks,
     _project,
     _query_positions,
@@ -119,7 +116,7 @@ class SeerDecodeCache:
         return f"SeerDecodeCache(length={self.length}, blocks={self.num_blocks}, partial={n}, offset={self.offset})"
 
 
-class SeerDecodeGate(nn.Module):
+class SeerDecodeGate(_BlockGate):
     """Block gate for decode: one score row per query token, shared by each GQA group.
 
     ``forward(q, k)`` gives ``logits [B, Hkv, Sq, Mk]`` with
@@ -161,43 +158,12 @@ class SeerDecodeGate(nn.Module):
         use_rope: bool = True,
         rope_theta: float = 10000.0,
     ) -> None:
-        super().__init__()
-        _check_common_kwargs(num_heads, num_kv_heads, head_dim, block_size, hidden_size, use_rope, rope_theta)
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.block_size = block_size
-        self.hidden_size = hidden_size
-        self.k_pooling = _check_pooling("k_pooling", k_pooling)
-        self.use_rope = bool(use_rope)
-        self.rope_theta = float(rope_theta)
-        group = num_heads // num_kv_heads
-        self.q_weight = nn.Parameter(torch.empty(num_kv_heads, group * head_dim, hidden_size))
-        self.q_bias = nn.Parameter(torch.empty(num_kv_heads, hidden_size))
-        self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(self.k_pooling), hidden_size))
-        self.k_bias = nn.Parameter(torch.empty(num_kv_heads, hidden_size))
-        self.reset_parameters()
+        super().__init__(num_heads, num_kv_heads, head_dim, block_size, hidden_size, k_pooling, use_rope,
+                         rope_theta)
 
-    def reset_parameters(self) -> None:
-        """nn.Linear's default initialisation, per KV head."""
-        _init_heads_linear(self.q_weight, self.q_bias)
-        _init_heads_linear(self.k_weight, self.k_bias)
-
-    def get_config(self) -> Dict[str, Any]:
-        """Constructor kwargs (JSON-serialisable); ``SeerDecodeGate(**g.get_config())`` rebuilds it."""
-        return dict(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            block_size=self.block_size,
-            hidden_size=self.hidden_size,
-            k_pooling=list(self.k_pooling),
-            use_rope=self.use_rope,
-            rope_theta=self.rope_theta,
-        )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.get_config().items())
+    def _query_projection_shape(self) -> Tuple[int, int]:
+        # per KV head: the token's queries of the whole GQA group, concatenated
+        return self.num_kv_heads, (self.num_heads // self.num_kv_heads) * self.head_dim
 
     # -- pieces shared by forward and step ----------------------------------------------------
     def _query_features(self, q: torch.Tensor) -> torch.Tensor:

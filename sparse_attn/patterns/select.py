@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..layout import BlockSparseLayout, _parse_block_size
+from ..layout import BlockSparseLayout, _parse_block_size, _seq_lengths
 
 __all__ = ["select_blocks", "causal_block_mask"]
 
@@ -22,9 +22,10 @@ def causal_block_mask(mq: int, mk: int, block_size: Union[int, Sequence[int]], s
     """``[Mq, Mk]`` bool: key block ``c`` holds a key some query of block ``r`` may see.
 
     Bottom-right causal: query ``t`` sees key ``j`` iff ``j <= t + seq_k - seq_q``, so block ``r``
-    reaches key ``min(seq_q, (r + 1) * bq) - 1 + seq_k - seq_q``.
+    reaches key ``min(seq_q, (r + 1) * bq) - 1 + seq_k - seq_q``. Any positive block sizes (a
+    pure geometry helper: the Seer gates use it too).
     """
-    bq, bk = _parse_block_size(block_size)
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else (int(block_size[0]), int(block_size[1]))
     r = torch.arange(mq, device=device)
     last_key = torch.clamp((r + 1) * bq, max=seq_q) - 1 + (seq_k - seq_q)  # [Mq]
     c = torch.arange(mk, device=device)
@@ -109,11 +110,7 @@ def select_blocks(
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
     bq, bk = _parse_block_size(block_size)
     b, h, mq, mk = logits.shape
-    seq_q = mq * bq if seq_q is None else int(seq_q)
-    seq_k = mk * bk if seq_k is None else int(seq_k)
-    if -(-seq_q // bq) != mq or -(-seq_k // bk) != mk:
-        raise ValueError(f"logits have {mq}x{mk} blocks but seq_q={seq_q}, seq_k={seq_k} with blocks "
-                         f"{bq}x{bk} need {-(-seq_q // bq)}x{-(-seq_k // bk)}")
+    seq_q, seq_k = _seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "logits")
     if share_gqa and num_kv_heads is None:
         raise ValueError("share_gqa=True needs num_kv_heads")
 

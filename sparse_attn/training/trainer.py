@@ -18,6 +18,7 @@ pickle; checkpoints add the optimiser state (safetensors) and the step counter (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -220,7 +221,7 @@ def train_gates(
     # the learning rate of step s is lr * cosine_schedule(s): a resumed run picks up at `start`
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, cfg), last_epoch=start - 1)
 
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -278,11 +279,3 @@ def train_gates(
         if ckpt and save_every:
             _save_checkpoint(ckpt, gates, opt, steps, cfg, history, {**gate_config, "trained_steps": steps})
     return {"history": history, "gates": gates, "output_dir": output_dir}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
