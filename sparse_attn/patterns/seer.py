@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import _ceil_div
+from ..rope import apply_rope, rope_cos_sin
 from .select import causal_block_mask
 
 __all__ = ["SeerGate", "SeerDecodeGate", "distillation_loss", "save_gates", "load_gates"]
@@ -151,21 +152,12 @@ def _project(feat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return out.float()
 
 
-def _inv_freq(dim: int, theta: float, device) -> torch.Tensor:
-    """RoPE inverse frequencies ``[dim // 2]`` float32 (computed on the fly, never a buffer, so
-    casting the module to bf16 cannot degrade them)."""
-    exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
-    return (1.0 / (float(theta) ** exponent)).to(torch.float32)
-
-
 def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate-half RoPE of float32 ``x [B, H, N, dim]`` at float32 positions ``pos [Bp, N]``
-    (``Bp`` is 1 or B; positions in blocks)."""
-    dim = x.shape[-1]
-    angles = pos[:, None, :, None] * _inv_freq(dim, theta, x.device)  # [Bp, 1, N, dim/2]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    (``Bp`` is 1 or B; positions in blocks). Tables are computed on the fly, never a buffer, so
+    casting the module to bf16 cannot degrade them."""
+    cos, sin = rope_cos_sin(pos, x.shape[-1], theta)  # [Bp, N, dim]
+    return apply_rope(x, cos, sin)
 
 
 def _block_pos(token_pos: torch.Tensor, block_size: int) -> torch.Tensor:
