@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, _fwd_tile, _mask_scores, dot_precision
-from .configs import gpu_family, tile_config
+from .block_sparse_fwd import _fwd_tile
+from .common import LOG2E, _causal_hi, _mask_scores, dot_precision, upcast
+from .configs import block_d as padded_head_dim, gpu_family, tile_config
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def _score_tile(
     if UPCAST:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-    b_s = _mask_scores(b_s, offs_m, o_n, start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL)
+    b_s = _mask_scores(b_s, offs_m, o_n, start_m, start_n, 0, seq_q, seq_k, BLOCK_N, CAUSAL, False, 0, 1, 1, 1, 1, True)
     return b_s
 
 
@@ -87,10 +88,7 @@ def _block_map_kernel(
         b_q = b_q.to(tl.float32)
     k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
 
-    # Keys at or past `hi` are invisible to every row of this tile.
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, m0 + ROWS + seq_k - seq_q)
+    hi = _causal_hi(m0, ROWS, seq_q, seq_k, CAUSAL)  # keys at or past `hi`: invisible to the tile
 
     # ---- pass 1: each row's final softmax statistics (and the output) ----------------------
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -100,8 +98,8 @@ def _block_map_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
-                seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
+                acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d, 0,
+                seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, 0, 1, 1, 1, 1, UPCAST, DOT_PREC,
             )
         b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw nothing: 0
         p_o = O + i_b.to(tl.int64) * stride_ob + (i_h0 + o_g).to(tl.int64) * stride_oh + offs_m * stride_om
@@ -150,8 +148,8 @@ def block_map_tiles(family: str, head_dim: int, elem_bytes: int, block_size: int
     ``BLOCK_M`` rows (split into ``PACK`` heads of ``ROWS`` tokens; ``ROWS`` divides
     ``block_size`` when pooling) and ``BLOCK_N`` keys (dividing ``block_size``). None when
     ``pack`` heads do not fit one row tile."""
-    block_d = max(16, _next_pow2(head_dim))
-    cfg = tile_config(family, "fwd", block_d, 128, 128, elem_bytes)
+    block_d = padded_head_dim(head_dim)
+    cfg = tile_config(family, "fwd", head_dim, elem_bytes)
     if pack > cfg.block_m:
         return None
     rows = cfg.block_m // pack
@@ -207,7 +205,7 @@ def block_map_fwd(
         raw.stride(0), raw.stride(1), raw.stride(2),
         h_out, n_pack, group, sq, sk, scale * LOG2E,
         HEAD_DIM=d, CAUSAL=causal, POOL=pool_queries, OUTPUT=v is not None,
-        UPCAST=q.device.type == "cpu", DOT_PREC=dot_precision(q.dtype), **tiles,
+        UPCAST=upcast(q.device), DOT_PREC=dot_precision(q.dtype), **tiles,
     )
     if pool_queries and rows < block_size:  # partial maxima of the block's row tiles
         raw = raw.view(b, h_out, mq, block_size // rows, mk).amax(3)

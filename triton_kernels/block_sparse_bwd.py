@@ -3,11 +3,15 @@
 Three launches:
 
 1. ``_bwd_preprocess``: ``delta = rowsum(dO * O) - dLSE`` per query row (fp32).
-2. ``_bwd_dkdv_kernel``: one program per (key tile, batch, K/V head). It walks the query
-   blocks of the *transposed* layout (``q_num``/``q_idx``) for every query head of its
-   GQA group and accumulates dK, dV in registers, so no two programs write one tile.
-3. ``_bwd_dq_kernel``: one program per (query tile, batch, query head), walking the
-   key blocks of the layout row, like the forward.
+2. ``_bwd_dkdv_kernel``: one program per (key tile, batch, K/V head). It walks the *transposed*
+   tile plan (query units that read its keys) for every query head of its GQA group and
+   accumulates dK, dV in registers, so no two programs write one tile. The accumulators are
+   held transposed, ``[BLOCK_D, BLOCK_N]``: every product then has the query tile or the head
+   dim as its M side (``dV^T += dO^T P``, ``dK^T += Q^T dS``), so a key tile as narrow as a
+   16-key layout block still runs on Hopper's ``wgmma`` (M >= 64) and no union over key blocks
+   is needed.
+3. ``_bwd_dq_kernel``: one program per (query tile, batch, query head), walking the plan rows,
+   like the forward.
 
 The probabilities are recomputed from the saved log-sum-exp. A row that saw nothing
 (lse = -inf) is treated as lse = +inf, so every one of its probabilities is 0.
@@ -21,8 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, _mask_scores, _tile_needs_mask, dot_precision, layout_args
-from .configs import gpu_family, kernel_tiles
+from .common import (LOG2E, LOG2E_C, _causal_hi, _causal_lo, _mask_scores, _plan_row, dot_precision, plan_args, plan_flags,
+                     upcast)
+from .configs import autotuned, select_tiles
+
+__all__ = ["block_sparse_attn_bwd"]
 
 
 @triton.jit
@@ -53,7 +60,7 @@ def _bwd_preprocess(
 @triton.jit
 def _load_row_stats(LSE, DELTA, row_base, offs_m, seq_q):
     """(lse in log2 domain with -inf -> +inf, delta) for rows ``offs_m``."""
-    b_lse = tl.load(LSE + row_base + offs_m, mask=offs_m < seq_q, other=float("-inf")) * 1.4426950408889634
+    b_lse = tl.load(LSE + row_base + offs_m, mask=offs_m < seq_q, other=float("-inf")) * LOG2E_C
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
     b_delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seq_q, other=0.0)
     return b_lse, b_delta
@@ -61,12 +68,13 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, seq_q):
 
 @triton.jit
 def _dkdv_tile(
-    b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
-    start_m, start_n, offs_n, offs_d, seq_q, seq_k, qk_scale,
+    b_dkt, b_dvt, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+    start_m, start_n, offs_n, offs_d, bits, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+    TQ: tl.constexpr, TK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Add query rows ``[start_m, start_m + BLOCK_M)``'s share to dK, dV of this key tile."""
+    """Add query rows ``[start_m, start_m + BLOCK_M)``'s share to dK^T, dV^T of this key tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
     b_q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
@@ -75,39 +83,38 @@ def _dkdv_tile(
     if UPCAST:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
-    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
     # Rows past seq_q need no mask: their lse loads as +inf, so their probabilities are 0.
-    if _tile_needs_mask(start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL):
-        keep = offs_n[:, None] < seq_k
-        if CAUSAL:
-            keep = keep & (offs_n[:, None] <= offs_m[None, :] + (seq_k - seq_q))
-        b_st = tl.where(keep, b_st, float("-inf"))
-    b_pt = tl.math.exp2(b_st - b_lse[None, :])  # [BN, BM]
-    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
-    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)  # [BN, BM]
-    b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)
-    return b_dk, b_dv
+    b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL, HAS_BITS,
+                       FULL_BITS, BQ, BK, TQ, TK, False)
+    b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
+    b_dvt = tl.dot(tl.trans(b_do), b_p.to(b_do.dtype), b_dvt, input_precision=DOT_PREC)  # [BD, BN]
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dkt = tl.dot(tl.trans(b_q), b_ds.to(b_q.dtype), b_dkt, input_precision=DOT_PREC)  # [BD, BN]
+    return b_dkt, b_dvt
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX,
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_nb, stride_nh,
-    stride_ib, stride_ih, stride_im,
     H_Q, H_KV, GROUP, LAYOUT_GROUP, seq_q, seq_k, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    # Grid (batch x heads, key tiles): the first key tiles, read by the most query rows when
+    # causal, start first.
+    i_bh = tl.program_id(0)
+    i_n = tl.program_id(1)
     i_b = i_bh // H_KV
     i_hk = i_bh % H_KV
     n0 = i_n * BLOCK_N
@@ -121,13 +128,9 @@ def _bwd_dkdv_kernel(
     if UPCAST:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
-    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # The first query row that may see key n0 (0 unless causal).
-    lo = 0
-    if CAUSAL:
-        lo = tl.maximum(0, n0 - (seq_k - seq_q))
+    b_dkt = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_dvt = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    lo = _causal_lo(n0, seq_q, seq_k, CAUSAL)
 
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
@@ -136,50 +139,53 @@ def _bwd_dkdv_kernel(
         row_base = (i_b * H_Q + i_h).to(tl.int64) * seq_q
         if DENSE:
             for start_m in range((lo // BLOCK_M) * BLOCK_M, seq_q, BLOCK_M):
-                b_dk, b_dv = _dkdv_tile(
-                    b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
-                    start_m, n0, offs_n, offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, UPCAST,
-                    DOT_PREC,
+                b_dkt, b_dvt = _dkdv_tile(
+                    b_dkt, b_dvt, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+                    start_m, n0, offs_n, offs_d, 0, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
+                    False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC,
                 )
         else:
-            i_lh = i_h // LAYOUT_GROUP
-            col = n0 // BK
-            n_blocks = tl.load(Q_NUM + i_b * stride_nb + i_lh * stride_nh + col)
-            p_idx = Q_IDX + i_b * stride_ib + i_lh * stride_ih + col * stride_im
-            for j in range(n_blocks):
-                i_r = tl.load(p_idx + j)
-                for sub in range(BQ // BLOCK_M):
-                    start_m = i_r * BQ + sub * BLOCK_M
+            n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, n0 // TK,
+                                             stride_nb, stride_nh, stride_ib, stride_ih, stride_im)
+            for j in range(n_ent):
+                u_r = tl.load(p_idx + j)
+                bits = tl.load(p_bits + j).to(tl.int64) if HAS_BITS else 0
+                for sub in range(TQ // BLOCK_M):
+                    start_m = u_r * TQ + sub * BLOCK_M
                     if (start_m < seq_q) & (start_m + BLOCK_M > lo):
-                        b_dk, b_dv = _dkdv_tile(
-                            b_dk, b_dv, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
-                            start_m, n0, offs_n, offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, UPCAST,
-                            DOT_PREC,
+                        b_dkt, b_dvt = _dkdv_tile(
+                            b_dkt, b_dvt, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+                            start_m, n0, offs_n, offs_d, bits, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+                            CAUSAL, HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, UPCAST, DOT_PREC,
                         )
 
+    m_kvt = (offs_n[None, :] < seq_k) & (offs_d[:, None] < HEAD_DIM)
     p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
     p_dv = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
-    tl.store(p_dk + offs_n[:, None] * stride_dkn + offs_d[None, :], (b_dk * scale).to(DK.dtype.element_ty), mask=m_kv)
-    tl.store(p_dv + offs_n[:, None] * stride_dvn + offs_d[None, :], b_dv.to(DV.dtype.element_ty), mask=m_kv)
+    tl.store(p_dk + offs_n[None, :] * stride_dkn + offs_d[:, None], (b_dkt * scale).to(DK.dtype.element_ty),
+             mask=m_kvt)
+    tl.store(p_dv + offs_n[None, :] * stride_dvn + offs_d[:, None], b_dvt.to(DV.dtype.element_ty), mask=m_kvt)
 
 
 @triton.jit
 def _dq_tile(
     b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn,
-    start_m, start_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
+    start_m, start_n, offs_m, offs_d, bits, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+    TQ: tl.constexpr, TK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Add keys ``[start_n, start_n + BLOCK_N)``'s share to dQ of this query tile."""
-    o_n = start_n + tl.arange(0, BLOCK_N)
-    m_kv = (o_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
-    b_k = tl.load(k_base + o_n[:, None] * stride_kn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
-    b_v = tl.load(v_base + o_n[:, None] * stride_vn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    m_kv = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
+    b_k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
     if UPCAST:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-    b_s = _mask_scores(b_s, offs_m, o_n, start_m, start_n, BLOCK_N, seq_q, seq_k, CAUSAL)
+    b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL, HAS_BITS,
+                       FULL_BITS, BQ, BK, TQ, TK, True)
     b_p = tl.math.exp2(b_s - b_lse[:, None])
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])
@@ -188,21 +194,23 @@ def _dq_tile(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX,
+    Q, K, V, DO, LSE, DELTA, DQ,
+    P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    stride_nb, stride_nh,
-    stride_ib, stride_ih, stride_im,
     H_Q, GROUP, LAYOUT_GROUP, seq_q, seq_k, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
+    HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)
+    i_m = tl.program_id(1)
+    if CAUSAL:  # later query tiles see more keys: start them first
+        i_m = tl.num_programs(1) - 1 - i_m
     i_b = i_bh // H_Q
     i_h = i_bh % H_Q
     i_hk = i_h // GROUP
@@ -221,29 +229,27 @@ def _bwd_dq_kernel(
     k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = _causal_hi(m0, BLOCK_M, seq_q, seq_k, CAUSAL)
 
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
     if DENSE:
         for start_n in range(0, hi, BLOCK_N):
             b_dq = _dq_tile(
                 b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
-                seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
+                0, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC,
             )
     else:
-        i_lh = i_h // LAYOUT_GROUP
-        row = m0 // BQ
-        n_blocks = tl.load(KV_NUM + i_b * stride_nb + i_lh * stride_nh + row)
-        p_idx = KV_IDX + i_b * stride_ib + i_lh * stride_ih + row * stride_im
-        for j in range(n_blocks):
-            i_c = tl.load(p_idx + j)
-            for sub in range(BK // BLOCK_N):
-                start_n = i_c * BK + sub * BLOCK_N
+        n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, m0 // TQ,
+                                         stride_nb, stride_nh, stride_ib, stride_ih, stride_im)
+        for j in range(n_ent):
+            u_c = tl.load(p_idx + j)
+            bits = tl.load(p_bits + j).to(tl.int64) if HAS_BITS else 0
+            for sub in range(TK // BLOCK_N):
+                start_n = u_c * TK + sub * BLOCK_N
                 if start_n < hi:
                     b_dq = _dq_tile(
                         b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m,
-                        offs_d, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, UPCAST, DOT_PREC,
+                        offs_d, bits, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, HAS_BITS, FULL_BITS, BQ, BK,
+                        TQ, TK, UPCAST, DOT_PREC,
                     )
 
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -273,8 +279,6 @@ def block_sparse_attn_bwd(
     ``dlse [B, Hq, Sq]`` (optional) the gradient reaching the log-sum-exp."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    dense = kv_num is None
-    family = gpu_family(q.device)
     lse = lse.contiguous()
     if dout.stride(-1) != 1:  # e.g. the expanded ones of `out.sum().backward()`
         dout = dout.contiguous()
@@ -282,11 +286,11 @@ def block_sparse_attn_bwd(
     delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     pre_m = 64
     has_dlse = dlse is not None
-    tiles = kernel_tiles(family, "dkdv", d, q.element_size(), block_q, block_k, dense)
+    block_d = max(16, triton.next_power_of_2(d))
     _bwd_preprocess[(triton.cdiv(sq, pre_m), b * hq)](
         out, dout, dlse.float().contiguous() if has_dlse else None, delta,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        hq, sq, HEAD_DIM=d, BLOCK_D=tiles["BLOCK_D"], BLOCK_M=pre_m, HAS_DLSE=has_dlse,
+        hq, sq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse,
     )
 
     dq = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
@@ -298,25 +302,31 @@ def block_sparse_attn_bwd(
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
     )
-    flags = dict(HEAD_DIM=d, CAUSAL=causal, DENSE=dense, UPCAST=q.device.type == "cpu",
-                 DOT_PREC=dot_precision(q.dtype))
+    flags = dict(HEAD_DIM=d, CAUSAL=causal, UPCAST=upcast(q.device), DOT_PREC=dot_precision(q.dtype))
 
-    # dK/dV: one program per key tile, walking the transposed layout.
-    num, idx, snb, snh, sib, sih, sim, layout_group = layout_args(q_num, q_idx, hq)
-    _bwd_dkdv_kernel[(triton.cdiv(sk, tiles["BLOCK_N"]), b * hkv)](
-        q, k, v, dout, lse, delta, dk, dv, num, idx, *common_strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        snb, snh, sib, sih, sim,
-        hq, hkv, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale, **flags, **tiles,
-    )
+    # dK/dV: one program per key tile, walking the transposed plan.
+    def launch_dkdv(tiles: dict, plan) -> None:
+        *walk, layout_group = plan_args(plan, hq)
+        _bwd_dkdv_kernel[(b * hkv, triton.cdiv(sk, tiles["BLOCK_N"]))](
+            q, k, v, dout, lse, delta, dk, dv, *walk, *common_strides,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            hq, hkv, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
+            DENSE=plan is None, **flags, **plan_flags(plan, tiles), **tiles,
+        )
 
-    # dQ: one program per query tile, walking the layout's rows.
-    tiles = kernel_tiles(family, "dq", d, q.element_size(), block_q, block_k, dense)
-    num, idx, snb, snh, sib, sih, sim, layout_group = layout_args(kv_num, kv_idx, hq)
-    _bwd_dq_kernel[(triton.cdiv(sq, tiles["BLOCK_M"]), b * hq)](
-        q, k, v, dout, lse, delta, dq, num, idx, *common_strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        snb, snh, sib, sih, sim,
-        hq, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale, **flags, **tiles,
-    )
+    tiles, plan = select_tiles("dkdv", q, q_num, q_idx, block_q, block_k, sq, sk, causal)
+    launch_dkdv(*autotuned("dkdv", q, tiles, plan, q_num, q_idx, sq, sk, causal, launch_dkdv))
+
+    # dQ: one program per query tile, walking the plan rows.
+    def launch_dq(tiles: dict, plan) -> None:
+        *walk, layout_group = plan_args(plan, hq)
+        _bwd_dq_kernel[(b * hq, triton.cdiv(sq, tiles["BLOCK_M"]))](
+            q, k, v, dout, lse, delta, dq, *walk, *common_strides,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            hq, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
+            DENSE=plan is None, **flags, **plan_flags(plan, tiles), **tiles,
+        )
+
+    tiles, plan = select_tiles("dq", q, kv_num, kv_idx, block_q, block_k, sq, sk, causal)
+    launch_dq(*autotuned("dq", q, tiles, plan, kv_num, kv_idx, sq, sk, causal, launch_dq))
     return dq, dk, dv

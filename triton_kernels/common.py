@@ -1,0 +1,116 @@
+"""Pieces the block-sparse kernels share: constants, the plan walk, and score masking.
+
+Every kernel walks a *tile plan* (``sparse_attn.tiling``): per unit row a count, ascending unit
+columns and, when a unit holds several layout blocks, a bit mask of the blocks it keeps. The
+score tile is always ``[BLOCK_M, BLOCK_N]`` (query rows x keys), in every kernel, so one masking
+helper serves the forward, dQ and dK/dV.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # scores live in the log2 domain (exp2); lse is stored as a natural log
+LN2 = 0.6931471805599453
+# the same two, visible inside @triton.jit code (which may read only constexpr globals)
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
+
+
+@triton.jit
+def _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_lh, row, stride_nb, stride_nh, stride_ib, stride_ih, stride_im):
+    """(entries, pointer to their unit indices, pointer to their bits) of plan row ``row``.
+    ``bits`` has ``idx``'s shape and strides."""
+    n = tl.load(P_NUM + i_b * stride_nb + i_lh * stride_nh + row)
+    off = i_b * stride_ib + i_lh * stride_ih + row * stride_im
+    return n, P_IDX + off, P_BITS + off
+
+
+@triton.jit
+def _causal_hi(m0, BLOCK_M: tl.constexpr, seq_q, seq_k, CAUSAL: tl.constexpr):
+    """Keys at or past this bound are invisible to every query row in ``[m0, m0 + BLOCK_M)``."""
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, m0 + BLOCK_M + seq_k - seq_q)
+    return hi
+
+
+@triton.jit
+def _causal_lo(n0, seq_q, seq_k, CAUSAL: tl.constexpr):
+    """Query rows below this bound see no key from ``n0`` on."""
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(0, n0 - (seq_k - seq_q))
+    return lo
+
+
+@triton.jit
+def _mask_scores(
+    b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, ROWS_FIRST: tl.constexpr,
+):
+    """``b_s [BM, BN]`` (query rows ``offs_m`` x keys ``offs_n``) with ``-inf`` where a key is past
+    ``seq_k``, after the query (causal, bottom-right) or in a layout block the unit's ``bits``
+    drop. Tiles inside the sequence, below the diagonal and fully kept build no mask.
+
+    Bit ``r * C + c`` keeps sub-row ``r``, sub-column ``c`` of a unit; the plan's rows are queries
+    (``ROWS_FIRST``: forward, dQ) or keys (dK/dV, the transposed walk)."""
+    crosses = start_n + BLOCK_N > seq_k
+    if CAUSAL:
+        crosses = crosses | (start_n + BLOCK_N - 1 > start_m + (seq_k - seq_q))
+    if crosses:
+        keep = offs_n[None, :] < seq_k
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+        b_s = tl.where(keep, b_s, float("-inf"))
+    if HAS_BITS:
+        if bits != FULL_BITS:
+            # Split the unit's bits per plan row first (<= 8 bits, int32), then test one bit per
+            # element: a [BM, BN] int64 shift would cost two registers an element.
+            sub_q = (offs_m % TQ) // BQ  # [BM]
+            sub_k = (offs_n % TK) // BK  # [BN]
+            if ROWS_FIRST:
+                row_bits = ((bits >> (sub_q * (TK // BK)).to(tl.int64)) & ((1 << (TK // BK)) - 1)).to(tl.int32)
+                keep = (row_bits[:, None] & (1 << sub_k)[None, :]) != 0
+            else:
+                row_bits = ((bits >> (sub_k * (TQ // BQ)).to(tl.int64)) & ((1 << (TQ // BQ)) - 1)).to(tl.int32)
+                keep = (row_bits[None, :] & (1 << sub_q)[:, None]) != 0
+            b_s = tl.where(keep, b_s, float("-inf"))
+    return b_s
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots; fp16/bf16 are unaffected by the flag."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def plan_args(plan, heads_q: int) -> tuple:
+    """(NUM, IDX, BITS, strides..., LAYOUT_GROUP) of a tile plan (``None`` = dense); batch stride 0
+    when the plan is shared by the batch. Without bits, ``IDX`` stands in (never read)."""
+    if plan is None:
+        return (None, None, None, 0, 0, 0, 0, 0, 1)
+    num, idx = plan.num, plan.idx
+    bl = num.shape[0]
+    return (
+        num, idx, idx if plan.bits is None else plan.bits,
+        num.stride(0) if bl > 1 else 0, num.stride(1),
+        idx.stride(0) if bl > 1 else 0, idx.stride(1), idx.stride(2),
+        heads_q // num.shape[1],
+    )
+
+
+def plan_flags(plan, tiles: dict) -> dict:
+    """The walk's constexprs: units ``TQ x TK`` and the bit mask, for ``plan`` (or dense)."""
+    bq, bk = tiles["BQ"], tiles["BK"]
+    has_bits = plan is not None and plan.bits is not None
+    return dict(TQ=max(tiles["BLOCK_M"], bq), TK=max(tiles["BLOCK_N"], bk), HAS_BITS=has_bits,
+                FULL_BITS=plan.full_bits if has_bits else 0)
+
+
+def upcast(device: torch.device) -> bool:
+    """Under the interpreter (CPU tensors) ``tl.dot`` on bf16 is wrong: dots run in fp32 there."""
+    return device.type == "cpu"
+
