@@ -19,6 +19,7 @@ __all__ = [
     "naive_attention",
     "make_qkv",
     "assert_no_nan",
+    "assert_rows_within",
 ]
 
 # Per-dtype tolerances for outputs / lse and for gradients, when comparing a result
@@ -150,3 +151,32 @@ def assert_no_nan(*tensors, names=None):
             continue
         name = names[i] if names else f"tensor {i}"
         assert not torch.isnan(t).any(), f"{name} contains NaN"
+
+
+# Per-element floor of the row criterion, in units of the row's largest reference magnitude.
+_ROW_FLOOR = {torch.float64: 1e-12, torch.float32: 4 * 2.0 ** -23, torch.float16: 4 * 2.0 ** -10,
+              torch.bfloat16: 4 * 2.0 ** -7}
+
+
+def assert_rows_within(name: str, got: torch.Tensor, same_dtype: torch.Tensor, ref: torch.Tensor,
+                       dtype: torch.dtype, factor: float = 2.0) -> None:
+    """flash-attn's criterion, per row: ``max|got - ref| <= factor * max|same_dtype - ref| + floor``
+    over each row's last dim, where ``ref`` is the fp64 oracle and ``same_dtype`` PyTorch's own
+    computation in the inputs' dtype. ``floor`` is a few ulps of ``dtype`` times the row's largest
+    reference value (plus 1e-6), so rows where PyTorch happens to be exact do not fail on
+    rounding. A dropped or extra block moves its rows far past this; a global norm would not see it.
+    For ``lse`` (fp32 in every dtype) pass ``[..., 1]``-shaped tensors and ``dtype=torch.float32``.
+    """
+    g, p, r = (t.detach().double().cpu() for t in (got, same_dtype, ref))
+    finite = torch.isfinite(r)
+    assert torch.equal(torch.isfinite(g), finite), f"{name}: non-finite entries differ from the reference"
+    g, p, r = (torch.where(finite, t, torch.zeros_like(t)) for t in (g, p, r))
+    ours = (g - r).abs().amax(-1)
+    theirs = (p - r).abs().amax(-1)
+    floor = _ROW_FLOOR[dtype] * r.abs().amax(-1) + 1e-6
+    bad = ours > factor * theirs + floor
+    if bad.any():
+        i = tuple(int(x) for x in bad.nonzero()[0])
+        raise AssertionError(f"{name}: {int(bad.sum())} rows out of {bad.numel()} exceed {factor}x PyTorch's "
+                             f"same-dtype error; first at {i}: ours {ours[i]:.3e}, PyTorch {theirs[i]:.3e}, "
+                             f"floor {floor[i]:.3e}")

@@ -2,7 +2,10 @@
 
 On a CPU machine they run under ``TRITON_INTERPRET=1`` (set by conftest), on small
 shapes; on a CUDA machine the same cases run compiled. The oracle is the reference
-evaluated in fp64 on the same (rounded) inputs; tolerances are per dtype.
+evaluated in fp64 on the same (rounded) inputs. Every case is held, row by row, to
+flash-attn's criterion (at most twice PyTorch's own same-dtype error); the small CPU cases
+also to per-dtype tolerances. The GPU tile configurations are exercised under the
+interpreter in ``test_kernel_tiles.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Optional, Tuple, Union
 import pytest
 import torch
 
-from helpers import assert_no_nan, element_mask, make_qkv, naive_attention, random_block_mask, tolerances
+from helpers import (assert_no_nan, assert_rows_within, element_mask, make_qkv, naive_attention, random_block_mask,
+                     tolerances)
 from sparse_attn import BlockSparseLayout, reference_attention, sparse_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,13 +55,13 @@ CASES = [
     Case(Hq=2, Hkv=2, Hl=2), Case(Hq=4, Hkv=2, Hl=2), Case(Hq=4, Hkv=1, Hl=4),
     Case(Hq=4, Hkv=2, Hl=1, dtype=torch.bfloat16), Case(Hq=8, Hkv=2, Hl=8, causal=False),
     # Sq != Sk, odd lengths, decode
-    Case(Sq=37, Sk=100), Case(Sq=129, Sk=37), Case(Sq=1, Sk=129), Case(Sq=1, Sk=37, causal=False),
-    Case(Sq=37, Sk=37, dtype=torch.float16), Case(Sq=129, Sk=129, causal=False, dtype=torch.bfloat16),
+    Case(Sq=37, Sk=100), Case(Sq=129, Sk=37, density=1.0), Case(Sq=1, Sk=129), Case(Sq=1, Sk=37, causal=False, density=1.0),
+    Case(Sq=37, Sk=37, dtype=torch.float16, density=1.0), Case(Sq=129, Sk=129, causal=False, dtype=torch.bfloat16),
     Case(Sq=100, Sk=129, Hq=4, Hkv=2, dtype=torch.float16),
     # Sk - Sq = 30: the causal diagonal passes one key from a tile corner (off-by-one traps)
     Case(Sq=34, Sk=64, density=1.0), Case(Sq=70, Sk=100, block=16, density=1.0), Case(Sq=34, Sk=64, Hl=0),
     # head dims (96 and 80 are padded to 128 in the kernel)
-    Case(D=32), Case(D=96), Case(D=128, Sq=64, Sk=64), Case(D=80, dtype=torch.float16), Case(D=16, causal=False),
+    Case(D=32), Case(D=96), Case(D=128, Sq=64, Sk=64, density=1.0), Case(D=80, dtype=torch.float16), Case(D=16, causal=False),
     # block sizes, rectangular blocks, per-batch layouts
     Case(block=16, Sq=37, Sk=53), Case(block=64, Sq=129, Sk=129), Case(block=128, Sq=129, Sk=200),
     Case(block=(32, 64), Sq=100, Sk=129), Case(block=(64, 16), Sq=100, Sk=70, causal=False),
@@ -69,8 +73,9 @@ CASES = [
 ]
 
 
-# GPU tier: real sizes, compiled kernels (skipped without CUDA). Compared by relative norm
-# error, since bf16 rounding of the probabilities grows with the sequence length.
+# GPU tier: real sizes, compiled kernels (skipped without CUDA), held to the row criterion only
+# (bf16 rounding of the probabilities grows with the sequence length, in PyTorch's own
+# computation too).
 GPU_CASES = [
     Case(B=2, Hq=16, Hkv=4, Sq=4096, Sk=4096, D=128, block=64, dtype=torch.bfloat16, density=0.3),
     Case(B=1, Hq=8, Hkv=8, Sq=4096, Sk=4096, D=128, block=128, dtype=torch.float16, density=0.5, causal=False),
@@ -103,18 +108,21 @@ def _run(fn, q, k, v, do, dlse):
     return out, lse, q.grad, k.grad, v.grad
 
 
-def _compare(case: Case, got, want):
+def _compare(case: Case, got, want, same_dtype=None):
+    """``got`` (ours) against ``want`` (fp64 reference): per-dtype tolerances on small cases, and,
+    given PyTorch's own same-dtype results, flash-attn's per-row criterion (lse: fp32 tolerance)."""
     names = ("out", "lse", "dq", "dk", "dv")
     assert_no_nan(*got, names=names)
-    if case.Sq * case.Sk > 1 << 20:  # GPU-tier sizes
-        limit = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[case.dtype]
-        for name, g, w in zip(names, got, want):
-            g, w = g.double(), w.double()
-            if name == "lse":
+    if same_dtype is not None:
+        for name, g, p, w in zip(names, got, same_dtype, want):
+            if name == "lse":  # fp32 in every dtype: an fp32-level tolerance, not the inputs' dtype
                 assert torch.equal(torch.isinf(g), torch.isinf(w)), "lse -inf pattern differs"
-                g, w = torch.where(torch.isinf(g), 0.0, g), torch.where(torch.isinf(w), 0.0, w)
-            rel = ((g - w).norm() / w.norm().clamp_min(1e-12)).item()
-            assert rel < limit, f"{name}: relative error {rel:.2e} >= {limit:.0e}"
+                g, w = torch.where(torch.isinf(g), 0.0, g.double()), torch.where(torch.isinf(w), 0.0, w.double())
+                torch.testing.assert_close(g, w, atol=2e-4, rtol=2e-5, msg=lambda m: f"lse: {m}")
+            else:
+                assert_rows_within(name, g, p, w, case.dtype)
+    if case.Sq * case.Sk > 1 << 20:  # GPU-tier sizes: the row criterion above is the test
+        assert same_dtype is not None
         return
     for name, g, w in zip(names, got, want):
         kind = "out" if name in ("out", "lse") else "grad"
@@ -123,6 +131,14 @@ def _compare(case: Case, got, want):
             assert torch.equal(torch.isinf(g), torch.isinf(w)), "lse -inf pattern differs"
             g, w = torch.where(torch.isinf(g), 0.0, g.double()), torch.where(torch.isinf(w), 0.0, w.double())
         torch.testing.assert_close(g.double(), w.double(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+def _same_dtype(case: Case, layout, q, k, v, do, dlse):
+    """PyTorch's own computation in the inputs' dtype (the naive masked softmax)."""
+    bq, bk = layout.block_size if layout is not None else (1, 1)
+    elem = element_mask(None if layout is None else layout.to_block_mask().cpu(), bq, bk, case.Sq, case.Sk, case.Hq,
+                        case.causal).to(q.device)
+    return _run(lambda a, b, c: naive_attention(a, b, c, elem, return_lse=True), q, k, v, do, dlse)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
@@ -137,7 +153,7 @@ def test_triton_matches_reference(case: Case):
                                                 backend="triton"), q, k, v, do, dlse)
     want = _run(lambda a, b, c: reference_attention(a, b, c, layout, causal=case.causal, return_lse=True),
                 *(t.double() for t in (q, k, v)), do.double(), dlse.double())
-    _compare(case, got, want)
+    _compare(case, got, want, _same_dtype(case, layout, q, k, v, do, dlse))
     for t, ref in zip(got[2:], (q, k, v)):
         assert t.dtype == ref.dtype and t.shape == ref.shape
 
@@ -147,6 +163,7 @@ def test_triton_matches_reference(case: Case):
                         layout.block_size[1] if layout is not None else 1, case.Sq, case.Sk, case.Hq,
                         case.causal).any(-1).expand(case.B, case.Hq, case.Sq)
     out, lse, dq = got[0], got[1], got[2]
+    assert seen.any(), "every row is empty: the case would compare zeros with zeros"
     empty = ~seen.to(DEVICE)
     assert torch.all(out[empty] == 0) and torch.all(lse[empty] == float("-inf")) and torch.all(dq[empty] == 0)
     assert not torch.isinf(lse[~empty]).any()
