@@ -6,7 +6,8 @@ and kernels, timing forward, backward and forward+backward, checking every kerne
 and writing JSON + CSV + markdown + PNG plots. See ``bench/README.md``.
 
 Modules: ``registry`` (cases, patterns), ``peers`` (kernels), ``timing``, ``metrics`` (FLOPs,
-roofline, speed-ups), ``checks``, ``report`` (outputs), ``runner`` (command line, main loop).
+roofline, speed-ups), ``checks``, ``report`` (outputs), ``runner`` (command line, main loop), ``static`` (the
+compile-only report: ``--static``).
 
 Example::
 

@@ -32,7 +32,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(seqs=[8192, 32768], patterns=["dense", "random", "s2", "seer_topk"], densities=[0.5, 0.1],
                   heads=8, gqa=[1], head_dims=[128], dtypes=["bf16"], block=128, kernels=CUDA_KERNELS,
                   passes=["fwd", "bwd", "fwd_bwd"], s2_local_blocks=16, s2_strides=[8], warmup=10, rep=30,
-                  budget_s=170.0),
+                  budget_s=150.0),
     # Issue 5: S2 forward/backward against SDPA-flash at long context.
     "s2": dict(seqs=[8192, 16384, 32768, 65536, 131072], patterns=["s2"], densities=[0.1], heads=8, gqa=[1],
                head_dims=[128], dtypes=["bf16"], block=64, kernels=["sdpa_flash", "ours_triton"],
@@ -40,7 +40,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                budget_s=None),
 }
 # Past HARD_STOP x --budget-s no new case starts (its rows are "skipped"), so a run stays inside the
-# timeout gpu_check.sh gives it (quick: 170 s budget -> 212 s < 230 s timeout).
+# timeout gpu_check.sh gives it (quick: 150 s budget -> 188 s < 200 s timeout).
 HARD_STOP = 1.25
 
 # --cpu: tiny shapes (an odd length, GQA), fp32, the reference backend, SDPA math, eager flex.
@@ -84,7 +84,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, help="do_bench repetition ms (CPU: timed calls)")
     p.add_argument("--budget-s", type=float,
                    help="after this many seconds only ours and the SDPA baseline run (no new flex compile is "
-                        "started that would cross it); after 1.25x no new case starts (quick: 200)")
+                        "started that would cross it); after 1.25x no new case starts (quick: 150)")
     p.add_argument("--check-full-max-seq", type=int, default=16384,
                    help="reference checks cover every row up to this length, else the last --check-rows")
     p.add_argument("--check-rows", type=int, default=1024)
@@ -130,7 +130,9 @@ def _rows_for(case: Case, spec: KernelSpec, passes: Sequence[str], suite: str, s
         if spec.kind == "dense":
             row.update(pattern="dense", pattern_args="", density=None, block=None)
         row.update(pairs=stats["pairs"], dense_pairs=stats["dense_pairs"], blocks_frac=stats["blocks_frac"])
-        row.update({k: v for k, v in extra.items() if k in row or k == "note"})
+        row.update({k: v for k, v in extra.items() if (k in row or k == "note") and k != "work_ratio"})
+        if "work_ratio" in extra:  # per pass: the worst kernel the pass launches
+            row["work_ratio"] = extra["work_ratio"][p]
         res = dict(results.get(p) or dict(error="not measured"))
         status = res.pop("status", None) or ("ok" if "ms" in res else "error")
         if "note" in res and row.get("note"):
@@ -242,6 +244,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         >>> main(["--cpu", "--seqs", "64", "--patterns", "dense", "--out", "bench_smoke"])  # doctest: +SKIP
         0
     """
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if "--static" in argv_list:  # the compile-only report: no GPU, no timing
+        from .static import main as static_main
+
+        return static_main(argv_list)
     args = parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print("sparse-attn bench: CUDA is not available; use --cpu for the smoke run", file=sys.stderr)
@@ -304,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plots, plot_msg = report.write_plots(args.out, stem, rows, meta)
     print()
     print("\n".join(report.targets_summary(rows)))
+    if any(r["kernel"] == "ours_triton_tuned" for r in rows):
+        print("autotuned (SPARSE_ATTN_AUTOTUNE=1):")
+        print("\n".join(report.targets_summary(rows, "ours_triton_tuned")))
     print()
     print(report.markdown_table(rows))
     print()
