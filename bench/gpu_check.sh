@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# GPU check for sparse_attn: the GPU-tier tests, the quick benchmark, then a trimmed S2 suite.
+# GPU check for sparse_attn: the GPU-tier tests, the GPU tile configurations compiled for real,
+# the quick benchmark (table tiles and autotuned), then a trimmed S2 suite.
 #
 #   bash bench/gpu_check.sh                                 # from anywhere, on the CUDA machine
 #   GPU_CHECK_STEPS="quick" bash bench/gpu_check.sh          # only some steps
 #
 # Steps (each under its own `timeout`; a step that fails or times out does not stop the next):
-#   gputests  pytest -q -m gpu tests (real sizes, compiled)    (GPUTEST_TIMEOUT, default 90 s)
+#   gputests  pytest -q -m gpu tests (real sizes, compiled)    (GPUTEST_TIMEOUT, default 80 s)
+#   tiles     pytest -q tests/test_kernel_tiles.py -k hopper   (TILES_TIMEOUT,   default 60 s)
+#             (every Hopper tile shape and the causal residue sweep, compiled on this GPU)
 #   tests     pytest -q tests (everything; opt-in)             (TEST_TIMEOUT,    default 150 s)
-#   quick     bench/run.py --quick                             (QUICK_TIMEOUT,   default 230 s)
-#   s2        bench/run.py --suite s2 --seqs 8192 32768 131072 (S2_TIMEOUT,      default 120 s)
-# Default steps: "gputests quick s2", at most 90 + 230 + 120 s plus 3 x 10 s kill grace (470 s):
-# under 8 minutes on an H100.
+#   quick     bench/run.py --quick (ours_triton and ours_triton_tuned) (QUICK_TIMEOUT, default 200 s)
+#   s2        bench/run.py --suite s2 --seqs 8192 32768 131072 (S2_TIMEOUT,      default 100 s)
+# Default steps: "gputests tiles quick s2", at most 80 + 60 + 200 + 100 s plus 4 x 10 s kill grace
+# (480 s): under 8 minutes on an H100.
 #
 # Results (JSON/CSV/markdown/PNG) and the log go to $OUT if set, else bench/results/. The benchmark
 # writes its files after every case and again on SIGTERM, so a step cut by its timeout still leaves
@@ -23,11 +26,12 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # compiled kernels on the GPU, never the interpreter
 PY="${PYTHON:-python}"
 OUT_DIR="${OUT:-bench/results}"
-STEPS="${GPU_CHECK_STEPS:-gputests quick s2}"
-GPUTEST_TIMEOUT="${GPUTEST_TIMEOUT:-90}"
+STEPS="${GPU_CHECK_STEPS:-gputests tiles quick s2}"
+GPUTEST_TIMEOUT="${GPUTEST_TIMEOUT:-80}"
+TILES_TIMEOUT="${TILES_TIMEOUT:-60}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
-QUICK_TIMEOUT="${QUICK_TIMEOUT:-230}"
-S2_TIMEOUT="${S2_TIMEOUT:-120}"
+QUICK_TIMEOUT="${QUICK_TIMEOUT:-200}"
+S2_TIMEOUT="${S2_TIMEOUT:-100}"
 mkdir -p "$OUT_DIR"
 
 GPU_NAME="$(nvidia-smi -i 0 --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
@@ -55,11 +59,12 @@ run_all() {
     for s in $STEPS; do
         case "$s" in
             gputests) step gputests "$GPUTEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests || status=1 ;;
+            tiles) step tiles "$TILES_TIMEOUT" "$PY" -m pytest -q -x tests/test_kernel_tiles.py -k hopper || status=1 ;;
             tests) step tests "$TEST_TIMEOUT" "$PY" -m pytest -q tests || status=1 ;;
             quick) step quick "$QUICK_TIMEOUT" "$PY" bench/run.py --quick --out "$OUT_DIR" || status=1 ;;
-            s2) step s2 "$S2_TIMEOUT" "$PY" bench/run.py --suite s2 --seqs 8192 32768 131072 --budget-s 90 \
+            s2) step s2 "$S2_TIMEOUT" "$PY" bench/run.py --suite s2 --seqs 8192 32768 131072 --budget-s 75 \
                     --out "$OUT_DIR" || status=1 ;;
-            *) echo "== unknown step '$s' (known: gputests tests quick s2)"; status=1 ;;
+            *) echo "== unknown step '$s' (known: gputests tiles tests quick s2)"; status=1 ;;
         esac
     done
     echo "== gpu_check summary: steps '$STEPS' -> $([ "$status" -eq 0 ] && echo ok || echo FAILED); results in $OUT_DIR"

@@ -25,7 +25,8 @@ __all__ = ["COLUMNS", "metadata", "markdown_table", "targets_summary", "write_ou
 COLUMNS = [
     "suite", "pattern", "pattern_args", "seq", "density", "blocks_frac", "kernel", "pass", "status",
     "ms", "ms_p20", "ms_p80", "tflops", "tflops_effective", "roofline", "speedup_vs_sdpa", "speedup_vs_flex",
-    "layout_ms", "layout_uncached_ms", "check", "check_ref", "max_err", "first_call_s", "bwd_method",
+    "layout_ms", "layout_uncached_ms", "work_ratio", "tiles", "check", "check_ref", "max_err", "first_call_s",
+    "bwd_method",
     "batch", "heads", "kv_heads", "head_dim", "block", "dtype", "pairs", "dense_pairs", "flops", "dense_flops",
     "error", "note",
 ]
@@ -146,7 +147,7 @@ def _x(v: Optional[float]) -> str:
 
 
 TABLE_HEAD = ["pattern", "seq", "density", "blocks frac", "kernel", "pass", "ms (p20-p80)", "TFLOP/s",
-              "eff. TFLOP/s", "roofline", "vs SDPA", "vs flex", "layout ms", "check", "max err", "note"]
+              "eff. TFLOP/s", "roofline", "vs SDPA", "vs flex", "layout ms", "work ratio", "check", "max err", "note"]
 
 
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
@@ -172,7 +173,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
             pattern, str(r["seq"]), _fmt(r.get("density"), 2), _fmt(r.get("blocks_frac"), 3), r["kernel"],
             r["pass"], ms, _fmt(r.get("tflops"), 1), _fmt(r.get("tflops_effective"), 1),
             "-" if r.get("roofline") is None else f"{100 * r['roofline']:.1f}%",
-            _x(r.get("speedup_vs_sdpa")), _x(r.get("speedup_vs_flex")), layout, check,
+            _x(r.get("speedup_vs_sdpa")), _x(r.get("speedup_vs_flex")), layout, _fmt(r.get("work_ratio"), 2), check,
             _fmt(r.get("max_err"), 3), str(note).replace("|", "/").replace("\n", " "),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -246,7 +247,10 @@ def write_outputs(out_dir: str, stem: str, meta: Dict[str, Any], rows: List[Dict
             f.write("**CPU smoke run: checks the harness only; these numbers are NOT speed claims.**\n\n")
         for k, v in meta.items():
             f.write(f"- **{k}**: {v}\n")
-        f.write("\n## Targets (issue 3; our Triton kernel)\n\n" + "\n".join(targets_summary(rows)) + "\n")
+        f.write("\n## Targets (our Triton kernel, table tiles)\n\n" + "\n".join(targets_summary(rows)) + "\n")
+        if any(r["kernel"] == "ours_triton_tuned" for r in rows):
+            f.write("\n## Targets (our Triton kernel, SPARSE_ATTN_AUTOTUNE=1)\n\n"
+                    + "\n".join(targets_summary(rows, "ours_triton_tuned")) + "\n")
         f.write("\n## Results\n\n" + markdown_table(rows) + "\n")
         skipped: Dict[Tuple[str, str], int] = {}
         for r in rows:
