@@ -20,6 +20,7 @@ __all__ = [
     "make_qkv",
     "assert_no_nan",
     "assert_rows_within",
+    "run_fwd_bwd",
 ]
 
 # Per-dtype tolerances for outputs / lse and for gradients, when comparing a result
@@ -180,3 +181,14 @@ def assert_rows_within(name: str, got: torch.Tensor, same_dtype: torch.Tensor, r
         raise AssertionError(f"{name}: {int(bad.sum())} rows out of {bad.numel()} exceed {factor}x PyTorch's "
                              f"same-dtype error; first at {i}: ours {ours[i]:.3e}, PyTorch {theirs[i]:.3e}, "
                              f"floor {floor[i]:.3e}")
+
+
+def run_fwd_bwd(fn, q, k, v, do, dlse):
+    """``fn(q, k, v) -> (out, lse)`` on fresh leaf copies, then backward of
+    ``<out, do> + <lse, dlse>`` (``-inf`` lse entries contribute 0). Returns
+    ``(out, lse, dq, dk, dv)``."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = (out.float() * do.float()).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
+    loss.backward()
+    return out, lse, q.grad, k.grad, v.grad

@@ -28,7 +28,7 @@ from typing import List, Tuple, Union
 import pytest
 import torch
 
-from helpers import element_mask, make_qkv, naive_attention, random_block_mask, tolerances
+from helpers import element_mask, make_qkv, naive_attention, random_block_mask, run_fwd_bwd, tolerances
 from sparse_attn import BlockSparseLayout, reference_attention, sparse_attention
 from sparse_attn.triton_kernels import configs
 
@@ -57,14 +57,6 @@ def _seen(block_mask: torch.Tensor, bq: int, bk: int, Sq: int, Sk: int, Hq: int,
 def _assert_not_vacuous(seen: torch.Tensor, label: str) -> None:
     """The case must compare something: at least one row sees at least one key."""
     assert seen.any(), f"{label}: no query row sees any key (the comparison would be zeros vs zeros)"
-
-
-def _run(fn, q, k, v, do, dlse):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = fn(q, k, v)
-    loss = (out.float() * do.float()).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
-    loss.backward()
-    return out, lse, q.grad, k.grad, v.grad
 
 
 def _worst(err: torch.Tensor) -> str:
@@ -121,10 +113,10 @@ def _kernel_vs_reference(q, k, v, layout: BlockSparseLayout, causal: bool, famil
 
     monkeypatch.setenv("SPARSE_ATTN_TILES", shape)
     with configs.family_override(family):  # both the forward and the backward launches
-        got = _run(lambda a, b, c: sparse_attention(a, b, c, layout, causal=causal, return_lse=True,
+        got = run_fwd_bwd(lambda a, b, c: sparse_attention(a, b, c, layout, causal=causal, return_lse=True,
                                                     backend="triton"), q, k, v, do, dlse)
         report = configs.launch_report(q, layout, causal)
-    want = _run(lambda a, b, c: reference_attention(a, b, c, layout, causal=causal, return_lse=True),
+    want = run_fwd_bwd(lambda a, b, c: reference_attention(a, b, c, layout, causal=causal, return_lse=True),
                 *(t.double() for t in (q, k, v)), do.double(), dlse.double())
     fails = _compare(q.dtype, got, want, seen)
     if fails:

@@ -132,18 +132,19 @@ def test_random_sparse_layout_falls_back_by_the_model():
 
 
 def test_choice_and_plan_are_cached_on_the_layout_and_follow_in_place_changes():
-    layout = strided(2, 4096, block_size=16)
+    src = strided(2, 4096, block_size=16)
+    num, idx = src.kv_num.clone(), src.kv_idx.clone()  # private copies: strided() layouts are shared
     q = _q()
     with configs.family_override("hopper"):
-        a = configs.select_tiles("fwd", q, layout.kv_num, layout.kv_idx, 16, 16, 4096, 4096, True)
-        b = configs.select_tiles("fwd", q, layout.kv_num, layout.kv_idx, 16, 16, 4096, 4096, True)
+        a = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096, True)
+        b = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096, True)
         assert a[1] is b[1]
-        idx = layout.kv_idx.clone()
-        idx._sparse_attn_plans = None
-        c1 = configs.select_tiles("fwd", q, layout.kv_num, idx, 16, 16, 4096, 4096, True)[1]
+        # only the chosen plan stays on the layout (the candidates' plans would multiply its memory)
+        assert len(configs.candidates("hopper", "fwd", 128, 2, 16, 16)) > 1
+        assert sum("plan" in key for key in idx._sparse_attn_plans) == 1
         idx.add_(0)  # bumps the version: the cached plan must not be served
-        c2 = configs.select_tiles("fwd", q, layout.kv_num, idx, 16, 16, 4096, 4096, True)[1]
-        assert c1 is not c2
+        c = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096, True)[1]
+        assert c is not a[1] and torch.equal(c.idx, a[1].idx)
 
 
 def test_pinned_shape_and_bad_value(monkeypatch):

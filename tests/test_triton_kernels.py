@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import (assert_no_nan, assert_rows_within, element_mask, make_qkv, naive_attention, random_block_mask,
-                     tolerances)
+                     run_fwd_bwd, tolerances)
 from sparse_attn import BlockSparseLayout, reference_attention, sparse_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,14 +54,16 @@ CASES = [
     # GQA ratios 1, 2, 4 and layout heads 1 / Hkv / Hq
     Case(Hq=2, Hkv=2, Hl=2), Case(Hq=4, Hkv=2, Hl=2), Case(Hq=4, Hkv=1, Hl=4),
     Case(Hq=4, Hkv=2, Hl=1, dtype=torch.bfloat16), Case(Hq=8, Hkv=2, Hl=8, causal=False),
-    # Sq != Sk, odd lengths, decode
-    Case(Sq=37, Sk=100), Case(Sq=129, Sk=37, density=1.0), Case(Sq=1, Sk=129), Case(Sq=1, Sk=37, causal=False, density=1.0),
+    # Sq != Sk, odd lengths, decode (density 1.0 where a random mask could leave every row empty)
+    Case(Sq=37, Sk=100), Case(Sq=129, Sk=37, density=1.0), Case(Sq=1, Sk=129),
+    Case(Sq=1, Sk=37, causal=False, density=1.0),
     Case(Sq=37, Sk=37, dtype=torch.float16, density=1.0), Case(Sq=129, Sk=129, causal=False, dtype=torch.bfloat16),
     Case(Sq=100, Sk=129, Hq=4, Hkv=2, dtype=torch.float16),
     # Sk - Sq = 30: the causal diagonal passes one key from a tile corner (off-by-one traps)
     Case(Sq=34, Sk=64, density=1.0), Case(Sq=70, Sk=100, block=16, density=1.0), Case(Sq=34, Sk=64, Hl=0),
     # head dims (96 and 80 are padded to 128 in the kernel)
-    Case(D=32), Case(D=96), Case(D=128, Sq=64, Sk=64, density=1.0), Case(D=80, dtype=torch.float16), Case(D=16, causal=False),
+    Case(D=32), Case(D=96), Case(D=128, Sq=64, Sk=64, density=1.0), Case(D=80, dtype=torch.float16),
+    Case(D=16, causal=False),
     # block sizes, rectangular blocks, per-batch layouts
     Case(block=16, Sq=37, Sk=53), Case(block=64, Sq=129, Sk=129), Case(block=128, Sq=129, Sk=200),
     Case(block=(32, 64), Sq=100, Sk=129), Case(block=(64, 16), Sq=100, Sk=70, causal=False),
@@ -100,14 +102,6 @@ def _layout(case: Case, gen: torch.Generator) -> Optional[BlockSparseLayout]:
     return BlockSparseLayout.from_block_mask(mask.to(DEVICE), (bq, bk), case.Sq, case.Sk)
 
 
-def _run(fn, q, k, v, do, dlse):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = fn(q, k, v)
-    loss = (out.float() * do.float()).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
-    loss.backward()
-    return out, lse, q.grad, k.grad, v.grad
-
-
 def _compare(case: Case, got, want, same_dtype=None):
     """``got`` (ours) against ``want`` (fp64 reference): per-dtype tolerances on small cases, and,
     given PyTorch's own same-dtype results, flash-attn's per-row criterion (lse: fp32 tolerance)."""
@@ -138,7 +132,7 @@ def _same_dtype(case: Case, layout, q, k, v, do, dlse):
     bq, bk = layout.block_size if layout is not None else (1, 1)
     elem = element_mask(None if layout is None else layout.to_block_mask().cpu(), bq, bk, case.Sq, case.Sk, case.Hq,
                         case.causal).to(q.device)
-    return _run(lambda a, b, c: naive_attention(a, b, c, elem, return_lse=True), q, k, v, do, dlse)
+    return run_fwd_bwd(lambda a, b, c: naive_attention(a, b, c, elem, return_lse=True), q, k, v, do, dlse)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
@@ -149,9 +143,9 @@ def test_triton_matches_reference(case: Case):
     do = torch.randn(q.shape, generator=gen).to(DEVICE, case.dtype)
     dlse = torch.randn(q.shape[:3], generator=gen).to(DEVICE)
 
-    got = _run(lambda a, b, c: sparse_attention(a, b, c, layout, causal=case.causal, return_lse=True,
+    got = run_fwd_bwd(lambda a, b, c: sparse_attention(a, b, c, layout, causal=case.causal, return_lse=True,
                                                 backend="triton"), q, k, v, do, dlse)
-    want = _run(lambda a, b, c: reference_attention(a, b, c, layout, causal=case.causal, return_lse=True),
+    want = run_fwd_bwd(lambda a, b, c: reference_attention(a, b, c, layout, causal=case.causal, return_lse=True),
                 *(t.double() for t in (q, k, v)), do.double(), dlse.double())
     _compare(case, got, want, _same_dtype(case, layout, q, k, v, do, dlse))
     for t, ref in zip(got[2:], (q, k, v)):
@@ -200,9 +194,9 @@ def test_strided_inputs_and_expanded_grad():
     k, v = base_kv[0].transpose(1, 2), base_kv[1].transpose(1, 2)
     assert not q.is_contiguous()
     layout = BlockSparseLayout.from_block_mask(random_block_mask(1, 2, 3, 3, 0.7, generator=gen).to(DEVICE), 32, 70, 90)
-    got = _run(lambda a, b, c: sparse_attention(a, b, c, layout, return_lse=True, backend="triton"),
+    got = run_fwd_bwd(lambda a, b, c: sparse_attention(a, b, c, layout, return_lse=True, backend="triton"),
                q, k, v, torch.ones(()).expand(q.shape).to(DEVICE), torch.zeros(q.shape[:3], device=DEVICE))
-    want = _run(lambda a, b, c: reference_attention(a, b, c, layout, return_lse=True),
+    want = run_fwd_bwd(lambda a, b, c: reference_attention(a, b, c, layout, return_lse=True),
                 q.double(), k.double(), v.double(), torch.ones(q.shape, dtype=torch.float64, device=DEVICE),
                 torch.zeros(q.shape[:3], dtype=torch.float64, device=DEVICE))
     _compare(Case(dtype=torch.float32), got, want)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .block_sparse_fwd import _fwd_tile
-from .common import LOG2E, _causal_hi, _mask_scores, dot_precision, upcast
+from .common import LOG2E, _causal_hi, _load_tile, _mask_scores, dot_precision, upcast
 from .configs import block_d as padded_head_dim, gpu_family, tile_config
 
 
@@ -45,8 +45,7 @@ def _score_tile(
     """Scores (log2 domain) of the tile's rows against keys ``[start_n, start_n + BLOCK_N)``,
     -inf where a key is past the end or, when causal, after the row's token."""
     o_n = start_n + tl.arange(0, BLOCK_N)
-    m_k = (o_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
-    b_k = tl.load(k_base + o_n[:, None] * stride_kn + offs_d[None, :], mask=m_k, other=0.0)  # [BN, BD]
+    b_k = _load_tile(k_base, stride_kn, o_n, seq_k, offs_d, HEAD_DIM)  # [BN, BD]
     if UPCAST:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, LOG2E_C, _causal_hi, _causal_lo, _mask_scores, _plan_row, dot_precision, plan_args, plan_flags,
-                     upcast)
+from .common import (LOG2E, LOG2E_C, _causal_hi, _causal_lo, _load_tile, _mask_scores, _plan_entry, _plan_row,
+                     dot_precision, plan_args, plan_flags, upcast)
 from .configs import autotuned, select_tiles
 
 __all__ = ["block_sparse_attn_bwd"]
@@ -45,11 +45,10 @@ def _bwd_preprocess(
     i_h = i_bh % H_Q
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_o = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     p_do = DO + i_b.to(tl.int64) * stride_db + i_h.to(tl.int64) * stride_dh
-    b_o = tl.load(p_o + offs_m[:, None] * stride_om + offs_d[None, :], mask=m_o, other=0.0).to(tl.float32)
-    b_do = tl.load(p_do + offs_m[:, None] * stride_dm + offs_d[None, :], mask=m_o, other=0.0).to(tl.float32)
+    b_o = _load_tile(p_o, stride_om, offs_m, seq_q, offs_d, HEAD_DIM).to(tl.float32)  # [BM, BD]
+    b_do = _load_tile(p_do, stride_dm, offs_m, seq_q, offs_d, HEAD_DIM).to(tl.float32)  # [BM, BD]
     b_delta = tl.sum(b_o * b_do, 1)  # [BM]
     row = i_bh.to(tl.int64) * seq_q + offs_m
     if HAS_DLSE:
@@ -76,9 +75,8 @@ def _dkdv_tile(
 ):
     """Add query rows ``[start_m, start_m + BLOCK_M)``'s share to dK^T, dV^T of this key tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    b_q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
-    b_do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+    b_q = _load_tile(q_base, stride_qm, offs_m, seq_q, offs_d, HEAD_DIM)  # [BM, BD]
+    b_do = _load_tile(do_base, stride_dom, offs_m, seq_q, offs_d, HEAD_DIM)  # [BM, BD]
     b_lse, b_delta = _load_row_stats(LSE, DELTA, row_base, offs_m, seq_q)
     if UPCAST:
         b_q = b_q.to(tl.float32)
@@ -120,11 +118,10 @@ def _bwd_dkdv_kernel(
     n0 = i_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_kv = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
     p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    b_k = tl.load(p_k + offs_n[:, None] * stride_kn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
-    b_v = tl.load(p_v + offs_n[:, None] * stride_vn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_k = _load_tile(p_k, stride_kn, offs_n, seq_k, offs_d, HEAD_DIM)  # [BN, BD]
+    b_v = _load_tile(p_v, stride_vn, offs_n, seq_k, offs_d, HEAD_DIM)  # [BN, BD]
     if UPCAST:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -148,8 +145,7 @@ def _bwd_dkdv_kernel(
             n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, n0 // TK,
                                              stride_nb, stride_nh, stride_ib, stride_ih, stride_im)
             for j in range(n_ent):
-                u_r = tl.load(p_idx + j)
-                bits = tl.load(p_bits + j).to(tl.int64) if HAS_BITS else 0
+                u_r, bits = _plan_entry(p_idx, p_bits, j, HAS_BITS)
                 for sub in range(TQ // BLOCK_M):
                     start_m = u_r * TQ + sub * BLOCK_M
                     if (start_m < seq_q) & (start_m + BLOCK_M > lo):
@@ -177,9 +173,8 @@ def _dq_tile(
 ):
     """Add keys ``[start_n, start_n + BLOCK_N)``'s share to dQ of this query tile."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    m_kv = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
-    b_k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
-    b_v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_k = _load_tile(k_base, stride_kn, offs_n, seq_k, offs_d, HEAD_DIM)  # [BN, BD]
+    b_v = _load_tile(v_base, stride_vn, offs_n, seq_k, offs_d, HEAD_DIM)  # [BN, BD]
     if UPCAST:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -220,8 +215,8 @@ def _bwd_dq_kernel(
     m_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
     p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-    b_q = tl.load(p_q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
-    b_do = tl.load(p_do + offs_m[:, None] * stride_dom + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+    b_q = _load_tile(p_q, stride_qm, offs_m, seq_q, offs_d, HEAD_DIM)  # [BM, BD]
+    b_do = _load_tile(p_do, stride_dom, offs_m, seq_q, offs_d, HEAD_DIM)  # [BM, BD]
     if UPCAST:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -241,8 +236,7 @@ def _bwd_dq_kernel(
         n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, m0 // TQ,
                                          stride_nb, stride_nh, stride_ib, stride_ih, stride_im)
         for j in range(n_ent):
-            u_c = tl.load(p_idx + j)
-            bits = tl.load(p_bits + j).to(tl.int64) if HAS_BITS else 0
+            u_c, bits = _plan_entry(p_idx, p_bits, j, HAS_BITS)
             for sub in range(TK // BLOCK_N):
                 start_n = u_c * TK + sub * BLOCK_N
                 if start_n < hi:

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2_C, LOG2E, _causal_hi, _mask_scores, _plan_row, dot_precision, plan_args, plan_flags, upcast
+from .common import (LN2_C, LOG2E, _causal_hi, _load_tile, _mask_scores, _plan_entry, _plan_row, dot_precision,
+                     plan_args, plan_flags, upcast)
 from .configs import autotuned, select_tiles
 
 __all__ = ["block_sparse_attn_fwd", "LOG2E"]
@@ -32,9 +33,8 @@ def _fwd_tile(
 ):
     """Fold keys ``[start_n, start_n + BLOCK_N)`` into the running (acc, l, m)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    m_kv = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
-    b_k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
-    b_v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_k = _load_tile(k_base, stride_kn, offs_n, seq_k, offs_d, HEAD_DIM)  # [BN, BD]
+    b_v = _load_tile(v_base, stride_vn, offs_n, seq_k, offs_d, HEAD_DIM)  # [BN, BD]
     if UPCAST:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], log2 domain
@@ -81,7 +81,7 @@ def _fwd_kernel(
     m_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
 
     q_base = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    b_q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+    b_q = _load_tile(q_base, stride_qm, offs_m, seq_q, offs_d, HEAD_DIM)  # [BM, BD]
     if UPCAST:
         b_q = b_q.to(tl.float32)
     k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
@@ -102,8 +102,7 @@ def _fwd_kernel(
         n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, m0 // TQ,
                                          stride_nb, stride_nh, stride_ib, stride_ih, stride_im)
         for j in range(n_ent):
-            u_c = tl.load(p_idx + j)
-            bits = tl.load(p_bits + j).to(tl.int64) if HAS_BITS else 0
+            u_c, bits = _plan_entry(p_idx, p_bits, j, HAS_BITS)
             for sub in range(TK // BLOCK_N):
                 start_n = u_c * TK + sub * BLOCK_N
                 if start_n < hi:

@@ -29,6 +29,22 @@ def _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_lh, row, stride_nb, stride_nh, stride
 
 
 @triton.jit
+def _plan_entry(p_idx, p_bits, j, HAS_BITS: tl.constexpr):
+    """(unit index, bits) of entry ``j`` of a plan row; bits are 0 (unused) without a bit mask."""
+    unit = tl.load(p_idx + j)
+    bits = tl.load(p_bits + j).to(tl.int64) if HAS_BITS else 0
+    return unit, bits
+
+
+@triton.jit
+def _load_tile(base, stride, offs, n, offs_d, HEAD_DIM: tl.constexpr):
+    """Rows ``offs`` (zeros at and past ``n``) x the padded head dim of a ``[S, D]`` matrix with row
+    stride ``stride`` and unit column stride: ``[len(offs), BLOCK_D]``."""
+    mask = (offs[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _causal_hi(m0, BLOCK_M: tl.constexpr, seq_q, seq_k, CAUSAL: tl.constexpr):
     """Keys at or past this bound are invisible to every query row in ``[m0, m0 + BLOCK_M)``."""
     hi = seq_k

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from sparse_attn.tiling import TilePlan, build_plan, kept_pairs
+from sparse_attn.tiling import TilePlan, build_plan, computed_pairs, kept_pairs
 
 __all__ = ["TileConfig", "KERNELS", "SHAPES", "CHIPS", "gpu_family", "tile_config", "candidates", "dense_tiles",
            "model_ms", "select_tiles", "plan_for", "family_override", "tune_space", "autotuned", "launch_report"]
@@ -277,6 +277,7 @@ def select_tiles(kernel: str, q: torch.Tensor, num: Optional[torch.Tensor], idx:
     cache = _cache(idx)
     base = (num.data_ptr(), num._version, idx._version, seq_q, seq_k)
     pinned = os.environ.get("SPARSE_ATTN_TILES", "auto")
+    plan = None  # a plan built while choosing
     if pinned != "auto":
         if pinned not in SHAPES:
             raise ValueError(f"SPARSE_ATTN_TILES must be auto, {', '.join(SHAPES)}; got {pinned!r}")
@@ -292,30 +293,30 @@ def select_tiles(kernel: str, q: torch.Tensor, num: Optional[torch.Tensor], idx:
             elif _capturing(q.device):
                 chosen = next(c for c in cands if "rows" in c["aliases"])
             else:
-                chosen = _cheapest(kernel, family, dtype, head_dim, cands, num, idx, seq_q, seq_k)
+                chosen, plan = _cheapest(kernel, family, dtype, head_dim, cands, num, idx, seq_q, seq_k)
                 cache[key] = chosen
-    plan = _cached_plan(kernel, chosen, num, idx, seq_q, seq_k)
-    return _strip(chosen), plan
+    return _strip(chosen), _cached_plan(kernel, chosen, num, idx, seq_q, seq_k, plan)
 
 
-def _cheapest(kernel, family, dtype, head_dim, cands, num, idx, seq_q, seq_k) -> dict:
-    """The candidate to launch (one host read): among those the model puts no slower than v1's
-    ``exact`` tiles, the cheapest whose work ratio is at most :data:`MAX_WORK_RATIO` (the model's
-    per-step constant is a guess; bounded waste keeps a miscalibration from costing much), else
-    the cheapest overall."""
-    plans = [_cached_plan(kernel, c, num, idx, seq_q, seq_k) for c in cands]
+def _cheapest(kernel, family, dtype, head_dim, cands, num, idx, seq_q, seq_k) -> Tuple[dict, TilePlan]:
+    """The candidate to launch and its plan (one host read): among the candidates the model puts
+    no slower than v1's ``exact`` tiles, the cheapest whose work ratio is at most
+    :data:`MAX_WORK_RATIO` (the model's per-step constant is a guess; bounded waste keeps a
+    miscalibration from costing much), else the cheapest overall. The losers' plans are dropped."""
+    plans = [plan_for(kernel, c, num, idx, seq_q, seq_k) for c in cands]
     bq, bk = cands[0]["BQ"], cands[0]["BK"]
     rows, cols = (bk, bq) if kernel == "dkdv" else (bq, bk)
-    kept = kept_pairs(num, idx, rows, cols, seq_k if kernel == "dkdv" else seq_q, seq_q if kernel == "dkdv" else seq_k)
-    sizes = torch.stack([kept.sum()] + [p.num.sum(dtype=torch.int64) * (p.unit_rows * p.unit_cols)
-                                        for p in plans]).tolist()
+    n_rows, n_cols = (seq_k, seq_q) if kernel == "dkdv" else (seq_q, seq_k)
+    sizes = torch.stack([kept_pairs(num, idx, rows, cols, n_rows, n_cols).sum()]
+                        + [computed_pairs(p, n_rows, n_cols).sum() for p in plans]).tolist()
     kept_total, sizes = max(1, sizes[0]), sizes[1:]
     cc = _FAMILY_CC.get(family, 90)  # the interpreter follows the Hopper model
     times = [model_ms(kernel, cc, dtype, head_dim, c, float(s), 0.0) for c, s in zip(cands, sizes)]
     v1 = next(t for c, t in zip(cands, times) if "exact" in c["aliases"])
     order = sorted(range(len(cands)), key=times.__getitem__)
     bounded = [i for i in order if times[i] <= v1 and sizes[i] / kept_total <= MAX_WORK_RATIO]
-    return cands[bounded[0] if bounded else order[0]]
+    best = bounded[0] if bounded else order[0]
+    return cands[best], plans[best]
 
 
 def _strip(tiles: dict) -> dict:
@@ -341,7 +342,8 @@ def tune_space(tiles: dict) -> List[dict]:
 
 
 def autotuned(kernel: str, q: torch.Tensor, tiles: dict, plan: Optional[TilePlan], num: Optional[torch.Tensor],
-              idx: Optional[torch.Tensor], seq_q: int, seq_k: int, causal: bool, launch) -> Tuple[dict, Optional[TilePlan]]:
+              idx: Optional[torch.Tensor], seq_q: int, seq_k: int, causal: bool,
+              launch) -> Tuple[dict, Optional[TilePlan]]:
     """With ``SPARSE_ATTN_AUTOTUNE=1`` on a GPU family (not while a CUDA graph is captured): the
     fastest of :func:`tune_space` for this key, from the on-disk cache or timed now with
     ``launch(tiles, plan)``; otherwise ``(tiles, plan)`` unchanged."""
@@ -351,24 +353,32 @@ def autotuned(kernel: str, q: torch.Tensor, tiles: dict, plan: Optional[TilePlan
     if family == "interpret" or not autotune.enabled() or _capturing(q.device):
         return tiles, plan
     options = tune_space(tiles)
-    plans = {}
-    for t in options:
-        if (t["BLOCK_M"], t["BLOCK_N"]) not in plans:
-            plans[(t["BLOCK_M"], t["BLOCK_N"])] = None if num is None else _cached_plan(kernel, t, num, idx, seq_q,
-                                                                                       seq_k)
     device = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else family
     key = ("v1", kernel, device, q.shape[-1], str(q.dtype), tiles["BQ"], tiles["BK"], causal, num is None,
            tiles["BLOCK_M"], tiles["BLOCK_N"])
-    best, _ = autotune.pick(key, options, lambda t: launch(t, plans[(t["BLOCK_M"], t["BLOCK_N"])]))
-    return best, plans[(best["BLOCK_M"], best["BLOCK_N"])]
+    plans: Dict[Tuple[int, int], Optional[TilePlan]] = {}  # built only if a search runs
+
+    def plan_of(t: dict) -> Optional[TilePlan]:
+        if num is None:
+            return None
+        if (t["BLOCK_M"], t["BLOCK_N"]) not in plans:
+            plans[(t["BLOCK_M"], t["BLOCK_N"])] = plan_for(kernel, t, num, idx, seq_q, seq_k)
+        return plans[(t["BLOCK_M"], t["BLOCK_N"])]
+
+    best, _ = autotune.pick(key, options, lambda t: launch(t, plan_of(t)))
+    if num is None:
+        return best, None
+    return best, _cached_plan(kernel, best, num, idx, seq_q, seq_k, plans.get((best["BLOCK_M"], best["BLOCK_N"])))
 
 
-def _cached_plan(kernel: str, tiles: dict, num: torch.Tensor, idx: torch.Tensor, seq_q: int, seq_k: int) -> TilePlan:
+def _cached_plan(kernel: str, tiles: dict, num: torch.Tensor, idx: torch.Tensor, seq_q: int, seq_k: int,
+                 plan: Optional[TilePlan] = None) -> TilePlan:
+    """The plan of ``tiles``, kept on the layout (``plan``: one just built for these tiles)."""
     cache = _cache(idx)
     key = (num.data_ptr(), num._version, idx._version, seq_q, seq_k, "plan", kernel, tiles["BLOCK_M"],
            tiles["BLOCK_N"], tiles["BQ"], tiles["BK"])
     if key not in cache:
-        cache[key] = plan_for(kernel, tiles, num, idx, seq_q, seq_k)
+        cache[key] = plan if plan is not None else plan_for(kernel, tiles, num, idx, seq_q, seq_k)
     return cache[key]
 
 
