@@ -22,6 +22,7 @@ from sparse_attn.integrations.transformers import (  # noqa: E402
     apply_sparse_attention,
     collect_gates,
     register,
+    register_layout_fn,
     sparse_attention_mask,
     sparse_patterns,
 )
@@ -248,6 +249,9 @@ def first_and_diagonal(q, k):
     return ((c == 0) | (c == r))[None, None]
 
 
+register_layout_fn("tests.first_and_diagonal", first_and_diagonal)
+
+
 def test_block_mask_method(base):
     model = _patched(base, "block_mask", layout_fn=first_and_diagonal, block_size=16)
     ids = _ids(1, 70)
@@ -258,7 +262,43 @@ def test_block_mask_method(base):
     e = keep.repeat_interleave(16, 0)[:70].repeat_interleave(16, 1)[:, :70] & torch.ones(70, 70).bool().tril()
     torch.testing.assert_close(_logits(model, ids), _logits(base, ids, attention_mask=e[None, None]),
                                atol=1e-5, rtol=1e-5)
-    assert model.config.sparse_attention["options"]["layout_fn"].endswith(":first_and_diagonal")
+    assert model.config.sparse_attention["options"]["layout_fn"] == "tests.first_and_diagonal"
+    by_name = _patched(base, "block_mask", layout_fn="tests.first_and_diagonal", block_size=16)
+    torch.testing.assert_close(_logits(by_name, ids), _logits(model, ids), atol=0, rtol=0)
+
+
+def test_saved_configs_name_no_code_and_no_files(base, tmp_path, monkeypatch):
+    """A model directory is untrusted data: a config.json naming a module to import (even one
+    sitting next to it) or a gates path to read is refused before anything runs or is read."""
+    register()
+    model = _patched(base, "block_mask", layout_fn=first_and_diagonal, block_size=16)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparse_attn").eval()
+    ids = _ids(1, 40)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=0, rtol=0)  # by registered name
+
+    marker = tmp_path / "payload_ran"
+    (tmp_path / "sa_evil_payload.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n"
+                                                 "def fn(q, k):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg_path = tmp_path / "config.json"
+    good = json.loads(cfg_path.read_text())
+    for name in ("sa_evil_payload:fn", "os:system"):
+        cfg = copy.deepcopy(good)
+        cfg["sparse_attention"]["options"]["layout_fn"] = name
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="not a registered layout function name"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparse_attn")
+    assert not marker.exists()
+
+    seer = _patched(base, "seer", block_size=16, gate=dict(hidden_size=32))
+    seer.save_pretrained(tmp_path / "seer")
+    cfg_path = tmp_path / "seer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["sparse_attention"]["options"]["gates"] = str(tmp_path / "anywhere")
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="may not name gates"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "seer", attn_implementation="sparse_attn")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ RoPE by pairs, repeat-KV softmax attention, and S2's keep rule evaluated with lo
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from sparse_attn.modules import (
     build_pattern,
     masked_attention,
     pattern_attention,
+    register_layout_fn,
 )
 
 
@@ -234,11 +236,12 @@ def test_block_mask_pattern():
     g = _gen(7)
     q, k, v = (torch.randn(1, 4, 70, 16, generator=g), torch.randn(1, 2, 70, 16, generator=g),
                torch.randn(1, 2, 70, 16, generator=g))
+    register_layout_fn("test_modules.sink_and_diagonal", sink_and_diagonal)
     p = build_pattern("block_mask", AttentionSpec(4, 2, 16), layout_fn=sink_and_diagonal, block_size=16)
     want = naive_attention(q, k, v, element_mask(sink_and_diagonal(q, k), 16, 16, 70, 70, 4, causal=True))
     torch.testing.assert_close(pattern_attention(p, q, k, v), want, atol=2e-5, rtol=2e-5)
     cfg = p.get_config()
-    assert cfg["layout_fn"].endswith(":sink_and_diagonal")
+    assert cfg["layout_fn"] == "test_modules.sink_and_diagonal"  # the registered name, not a module path
     again = build_pattern("block_mask", AttentionSpec(4, 2, 16), **cfg)
     assert again.layout_fn is sink_and_diagonal
     local = BlockMaskPattern(lambda q, k: None)
@@ -247,6 +250,27 @@ def test_block_mask_pattern():
         BlockMaskPattern(None)(q, k)
     with pytest.raises(TypeError, match="layout_fn must return"):
         BlockMaskPattern(lambda q, k: 3)(q, k)
+
+
+def test_layout_fn_names_are_looked_up_never_imported(tmp_path, monkeypatch):
+    """A config is data: a ``layout_fn`` string is only a registry key. Module paths that would
+    import (and run) code are unknown names, whatever is importable."""
+    marker = tmp_path / "ran"
+    (tmp_path / "sa_payload.py").write_text(f"open({str(marker)!r}, 'w').write('x')\ndef fn(q, k):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("sa_payload:fn", "os:system", "tests.test_modules:sink_and_diagonal", "builtins:eval"):
+        with pytest.raises(ValueError, match="not a registered layout function name"):
+            BlockMaskPattern(name)
+    assert not marker.exists() and "sa_payload" not in sys.modules
+    with pytest.raises(ValueError, match="already registered to another function"):
+        register_layout_fn("test_modules.clash", sink_and_diagonal)
+        register_layout_fn("test_modules.clash", lambda q, k: None)
+    assert register_layout_fn("test_modules.clash", sink_and_diagonal) is sink_and_diagonal  # same fn: no-op
+    for bad in ("", 3, "x" * 201):
+        with pytest.raises((ValueError, TypeError)):
+            register_layout_fn(bad, sink_and_diagonal)
+    with pytest.raises(TypeError, match="callable"):
+        register_layout_fn("test_modules.not_callable", 3)
 
 
 def test_registry_and_configs_round_trip():

@@ -7,6 +7,7 @@
     model = apply_sparse_attention(model, method="s2", block_size=16, local_blocks=4, vert_stride=4)
     model = apply_sparse_attention(model, method="seer", gates="path/or/None", threshold=2e-3)
     model = apply_sparse_attention(model, method="block_mask", layout_fn=my_fn)   # user-defined
+    register_layout_fn("my_fn", my_fn)   # ... and by name, so a saved config can refer to it
 
 Supported versions: ``transformers >= 4.53`` (the first release with ``AttentionMaskInterface``);
 tested, and pinned in CI, with 5.23. Older versions raise ImportError on import of this module.
@@ -26,7 +27,9 @@ What :func:`apply_sparse_attention` does:
   rebuilds the patterns while the model is constructed (``register`` wraps
   ``PreTrainedModel.post_init`` for this) and the checkpoint's pattern weights load into them.
   (Loaded with another implementation, the patterns are built and loaded too, but unused until
-  ``apply_sparse_attention(model)`` switches to them.)
+  ``apply_sparse_attention(model)`` switches to them.) A saved config is data: it names no code
+  (a ``block_mask`` layout function is stored by its :func:`register_layout_fn` name and looked
+  up, never imported) and no file (Seer gate weights travel in the checkpoint's state dict).
 
 Which path runs (K/V arrive un-repeated ``[B, Hkv, Sk, D]``; GQA goes straight to the op):
 
@@ -69,7 +72,7 @@ except ImportError as _e:  # pragma: no cover - depends on the installed version
     ) from None
 
 from ..modules.functional import pattern_attention
-from ..modules.patterns import AttentionPattern, AttentionSpec
+from ..modules.patterns import AttentionPattern, AttentionSpec, register_layout_fn
 from ..modules.registry import PATTERNS, build_pattern
 
 __all__ = [
@@ -81,6 +84,7 @@ __all__ = [
     "sparse_attention_mask",
     "sparse_patterns",
     "collect_gates",
+    "register_layout_fn",
 ]
 
 ATTN_NAME = "sparse_attn"
@@ -196,13 +200,29 @@ def sparse_attention_forward(
 # --------------------------------------------------------------------------------------------------
 # Registration (and rebuilding patterns when a saved model is loaded)
 # --------------------------------------------------------------------------------------------------
+def _saved_options(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """The options of a saved ``config.sparse_attention``, checked as untrusted data: a config may
+    name no file to read (gate weights travel in the checkpoint's state dict) and no code (a
+    ``layout_fn`` is a registered name, resolved by ``BlockMaskPattern``)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("method"), str):
+        raise ValueError("config.sparse_attention must be a dict with a 'method' string")
+    options = saved.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError("config.sparse_attention['options'] must be a dict")
+    if options.get("gates") is not None:
+        raise ValueError("a saved config.sparse_attention may not name gates to load (got "
+                         f"{str(options['gates'])[:200]!r}); the gate weights are in the checkpoint, or pass "
+                         "gates=... to apply_sparse_attention yourself")
+    return dict(options)
+
+
 def _post_init_with_patterns(self: PreTrainedModel) -> None:
     _ORIGINAL_POST_INIT(self)
     saved = getattr(self.config, "sparse_attention", None)
     if saved:  # whatever the attention implementation, so the checkpoint's pattern weights load
         layers = _attention_layers(self)
         if layers and any(getattr(m, "sparse_pattern", None) is None for _, m in layers):
-            _attach_patterns(self, layers, saved["method"], dict(saved.get("options", {})), saved.get("layers"))
+            _attach_patterns(self, layers, saved["method"], _saved_options(saved), saved.get("layers"))
 
 
 def _initialize_weights_with_patterns(self: PreTrainedModel, module: nn.Module, *args: Any, **kw: Any) -> None:
@@ -348,7 +368,8 @@ def apply_sparse_attention(
             :func:`sparse_attn.patterns.seer.save_gates` (an ``nn.ModuleDict`` keyed by layer index
             holding ``{"prefill": SeerGate, "decode": SeerDecodeGate}``), such a module, or None
             (fresh untrained gates -- what the trainer trains); ``threshold`` / ``topk`` /
-            ``density`` pick the blocks.
+            ``density`` pick the blocks. ``method="block_mask"`` takes ``layout_fn``: a callable
+            ``(q, k) -> layout or block mask``, or a name given to :func:`register_layout_fn`.
 
     Returns:
         ``model``, now with ``config._attn_implementation == "sparse_attn"``, a pattern module per
@@ -377,7 +398,7 @@ def apply_sparse_attention(
         return model
     if method is None:
         saved = saved or {"method": "dense", "options": {}}
-        method, saved_opts = saved["method"], dict(saved.get("options", {}))
+        method, saved_opts = saved["method"], _saved_options(saved)
         options = {**saved_opts, **options}
         if layers is None:
             layers = saved.get("layers")

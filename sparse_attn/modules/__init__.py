@@ -5,7 +5,7 @@
 
 from .attention import KVCache, SparseAttention, apply_rope, rope_cos_sin
 from .functional import masked_attention, pattern_attention
-from .patterns import AttentionPattern, AttentionSpec, BlockMaskPattern, DensePattern, S2Pattern
+from .patterns import AttentionPattern, AttentionSpec, BlockMaskPattern, DensePattern, S2Pattern, register_layout_fn
 from .registry import PATTERNS, build_pattern
 from .seer import SeerPattern
 
@@ -21,6 +21,7 @@ __all__ = [
     "DensePattern",
     "S2Pattern",
     "BlockMaskPattern",
+    "register_layout_fn",
     "SeerPattern",
     "PATTERNS",
     "build_pattern",

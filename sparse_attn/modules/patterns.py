@@ -30,7 +30,6 @@ and ``pattern.get_config()`` gives the JSON-serialisable options that rebuild it
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Optional, Union
 
@@ -253,26 +252,40 @@ class S2Pattern(AttentionPattern):
         return {**super().get_config(), **self.options, "layout_heads": self.layout_heads}
 
 
-def _qualified_name(fn: Callable) -> Optional[str]:
-    """``"module:qualname"`` when ``fn`` can be imported back by that name, else None."""
-    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        return None
-    try:
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        return None
-    return f"{module}:{qualname}" if obj is fn else None
+# Layout functions by name. A saved config is data: it refers to a layout function by the name it
+# was registered under, and loading one never imports or runs code the config names.
+_LAYOUT_FNS: Dict[str, Callable] = {}
 
 
-def _import_name(name: str) -> Callable:
-    module, _, qualname = name.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+def register_layout_fn(name: str, fn: Callable) -> Callable:
+    """Register ``fn(q, k)`` (a ``block_mask`` layout function) under ``name``, so a model config can
+    refer to it: ``BlockMaskPattern("name")``, ``apply_sparse_attention(model, method="block_mask",
+    layout_fn="name")``, and a saved model whose config names it reloads with it once the same
+    registration has run. Returns ``fn`` (usable as a decorator via ``functools.partial``).
+
+    Re-registering a name with another function is an error (a config must not silently change
+    meaning); registering the same function again is a no-op.
+
+    Example::
+
+        >>> def sink_and_diagonal(q, k): ...
+        >>> register_layout_fn("sink_and_diagonal", sink_and_diagonal)  # doctest: +ELLIPSIS
+        <function sink_and_diagonal at ...>
+    """
+    if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
+        raise ValueError(f"layout function names must be non-empty printable strings of at most 200 characters, "
+                         f"got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (q, k) -> layout, got {type(fn).__name__}")
+    if _LAYOUT_FNS.get(name, fn) is not fn:
+        raise ValueError(f"layout function name {name!r} is already registered to another function")
+    _LAYOUT_FNS[name] = fn
+    return fn
+
+
+def _layout_fn_name(fn: Callable) -> Optional[str]:
+    """The name ``fn`` is registered under, or None."""
+    return next((name for name, f in _LAYOUT_FNS.items() if f is fn), None)
 
 
 class BlockMaskPattern(AttentionPattern):
@@ -280,9 +293,10 @@ class BlockMaskPattern(AttentionPattern):
     block mask ``[Bl, Hl, Mq, Mk]`` (blocks of ``block_size``; built into a layout here) or None.
 
     ``q [B, Hq, Sq, D]``, ``k [B, Hkv, Sk, D]`` are post-RoPE; the op adds the causal mask
-    (bottom-right) on top of whatever the function keeps. The function is stored in configs as
-    ``"module:qualname"`` when it is importable by that name (a top-level function); otherwise a
-    reloaded model needs ``layout_fn`` again.
+    (bottom-right) on top of whatever the function keeps. ``layout_fn`` is a callable or the name it
+    was registered under with :func:`register_layout_fn`. Configs store that name (a function that
+    is not registered is stored as None, and a reloaded model needs ``layout_fn`` again); a name is
+    only ever looked up in the registry, never imported.
 
     Example::
 
@@ -307,10 +321,12 @@ class BlockMaskPattern(AttentionPattern):
     ) -> None:
         super().__init__(block_size=block_size, decode=decode, backend=backend)
         if isinstance(layout_fn, str):
-            try:
-                layout_fn = _import_name(layout_fn)
-            except (ImportError, AttributeError, ValueError) as e:
-                raise ValueError(f"layout_fn {layout_fn!r} could not be imported: {e}") from None
+            if layout_fn not in _LAYOUT_FNS:
+                raise ValueError(f"layout_fn {layout_fn[:200]!r} is not a registered layout function name "
+                                 f"(registered: {sorted(_LAYOUT_FNS)[:20]}); register it in code with "
+                                 "sparse_attn.modules.register_layout_fn(name, fn) before loading. Names are "
+                                 "never imported")
+            layout_fn = _LAYOUT_FNS[layout_fn]
         if layout_fn is not None and not callable(layout_fn):
             raise TypeError(f"layout_fn must be callable (q, k) -> layout, got {type(layout_fn).__name__}")
         self.layout_fn = layout_fn
@@ -318,7 +334,7 @@ class BlockMaskPattern(AttentionPattern):
     def layout(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
         if self.layout_fn is None:
             raise ValueError(
-                "method 'block_mask' has no layout_fn (it was not importable when the model was saved); "
+                "method 'block_mask' has no layout_fn (it was not registered when the model was saved); "
                 "pass it again: apply_sparse_attention(model, method='block_mask', layout_fn=...)"
             )
         out = self.layout_fn(q, k)
@@ -330,5 +346,5 @@ class BlockMaskPattern(AttentionPattern):
                         f"got {type(out).__name__}")
 
     def get_config(self) -> Dict[str, Any]:
-        fn = None if self.layout_fn is None else _qualified_name(self.layout_fn)
+        fn = None if self.layout_fn is None else _layout_fn_name(self.layout_fn)
         return {**super().get_config(), "layout_fn": fn}
