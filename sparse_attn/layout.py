@@ -25,6 +25,7 @@ or ``Hq``. Query block ``r`` covers query rows ``[r*bq, (r+1)*bq)`` and key bloc
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,14 +37,19 @@ SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 BlockSize = Union[int, Sequence[int]]
 
 
+def _as_int(value, name: str) -> int:
+    """``value`` as an int if it is an integer (numpy integers included; not bool, not float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
 def _parse_block_size(block_size: BlockSize) -> Tuple[int, int]:
-    if isinstance(block_size, bool):
-        raise TypeError(f"block_size must be an int or a pair of ints, got {block_size!r}")
-    if isinstance(block_size, int):
-        pair = (block_size, block_size)
+    if isinstance(block_size, numbers.Integral) and not isinstance(block_size, bool):
+        pair = (int(block_size), int(block_size))
     else:
         try:
-            pair = tuple(int(b) for b in block_size)
+            pair = tuple(_as_int(b, "block_size") for b in block_size)
         except TypeError:
             raise TypeError(f"block_size must be an int or a pair of ints, got {block_size!r}") from None
         if len(pair) != 2:
@@ -60,8 +66,10 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _seq_lengths(seq_q, seq_k, bq: int, bk: int, mq: int, mk: int, what: str) -> Tuple[int, int]:
     """Sequence lengths (default: whole blocks), checked against the ``mq x mk`` block grid."""
-    seq_q = mq * bq if seq_q is None else int(seq_q)
-    seq_k = mk * bk if seq_k is None else int(seq_k)
+    seq_q = mq * bq if seq_q is None else _as_int(seq_q, "seq_q")
+    seq_k = mk * bk if seq_k is None else _as_int(seq_k, "seq_k")
+    if seq_q < 0 or seq_k < 0:
+        raise ValueError(f"seq_q and seq_k must be >= 0, got seq_q={seq_q}, seq_k={seq_k}")
     if _ceil_div(seq_q, bq) != mq:
         raise ValueError(f"seq_q={seq_q} needs {_ceil_div(seq_q, bq)} query blocks of {bq}, {what} has Mq={mq}")
     if _ceil_div(seq_k, bk) != mk:
@@ -268,6 +276,7 @@ class BlockSparseLayout:
     ) -> "BlockSparseLayout":
         """A layout that keeps every block (useful to compare against dense kernels)."""
         bq, bk = _parse_block_size(block_size)
+        seq_q, seq_k = _as_int(seq_q, "seq_q"), _as_int(seq_k, "seq_k")  # negatives: from_block_mask says so
         mask = torch.ones(1, 1, _ceil_div(seq_q, bq), _ceil_div(seq_k, bk), dtype=torch.bool, device=device)
         return cls.from_block_mask(mask, (bq, bk), seq_q, seq_k)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 from typing import Optional, Tuple, Union
 
@@ -25,6 +26,16 @@ __all__ = ["sparse_attention", "BACKENDS", "available_backends"]
 BACKENDS = ("auto", "triton", "cuda", "reference")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_KERNEL_HEAD_DIM = 256
+# Largest |scale| accepted: log2(e) * scale must stay far inside fp32 so that scores of ordinary
+# size (|q.k| up to ~1e8) cannot overflow; 3e38 used to pass the finiteness check and give NaN.
+_MAX_SCALE = 1e30
+
+try:  # a numpy bool is a fine flag too
+    import numpy as _np
+
+    _BOOL_TYPES: tuple = (bool, _np.bool_)
+except ImportError:  # pragma: no cover - numpy is optional
+    _BOOL_TYPES = (bool,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,10 +291,15 @@ def sparse_attention(
         _check_layout(layout, q, k)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    elif abs(scale) > _MAX_SCALE:
+        raise ValueError(f"|scale| must be at most {_MAX_SCALE:g} (beyond, fp32 scores overflow to inf and the "
+                         f"softmax to NaN), got {scale!r}")
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, _BOOL_TYPES):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    causal, return_lse = bool(causal), bool(return_lse)
     if q.shape[2] == 0 or k.shape[2] == 0:
         resolved = "reference"  # nothing for a kernel to do; the reference gives the empty/zero result
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -230,6 +230,7 @@ def test_constructor_validate_false_skips_checks():
         pytest.param((0, 16), ValueError, id="pair-0x16"),
         pytest.param(True, TypeError, id="bool"),
         pytest.param(64.0, TypeError, id="float"),
+        pytest.param((16.0, 16), TypeError, id="pair-float"),
         pytest.param(None, TypeError, id="None"),
     ],
 )
@@ -480,3 +481,20 @@ def test_conftest_makes_empty_nan_filled():
     assert torch.empty(2, dtype=torch.bool).shape == (2,)
     t = torch.empty(4, requires_grad=True)
     assert t.requires_grad and t.is_leaf and torch.isnan(t).all()
+
+
+@pytest.mark.parametrize("seq_q,seq_k,error", [(-5, 10, ValueError), (10, -1, ValueError), (5.5, 10, TypeError),
+                                               (10, True, TypeError)])
+def test_bad_sequence_lengths_raise(seq_q, seq_k, error):
+    with pytest.raises(error, match="seq_"):
+        BlockSparseLayout.dense(seq_q, seq_k, 16)
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    with pytest.raises(error, match="seq_"):
+        BlockSparseLayout.from_block_mask(mask, 16, seq_q, seq_k)
+
+
+def test_numpy_integer_sizes_are_accepted():
+    np = pytest.importorskip("numpy")
+    layout = BlockSparseLayout.dense(np.int64(40), np.int32(20), block_size=(np.int64(16), 32))
+    assert (layout.seq_q, layout.seq_k, layout.block_size) == (40, 20, (16, 32))
+    assert BlockSparseLayout.dense(0, 10, 16).shape == (1, 1, 0, 1)

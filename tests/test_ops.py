@@ -40,7 +40,23 @@ BAD = [
     ("backend-name", lambda q, k, v: (q, k, v, None, {"backend": "flash"}), ValueError, "backend must be one of"),
     ("scale-nan", lambda q, k, v: (q, k, v, None, {"scale": float("nan")}), ValueError, "scale must be"),
     ("causal-type", lambda q, k, v: (q, k, v, None, {"causal": "yes"}), TypeError, "causal must be a bool"),
+    ("scale-huge", lambda q, k, v: (q, k, v, None, {"scale": 3e38}), ValueError, r"\|scale\| must be at most"),
+    ("scale-str", lambda q, k, v: (q, k, v, None, {"scale": "0.1"}), ValueError, "scale must be"),
+    ("return-lse-type", lambda q, k, v: (q, k, v, None, {"return_lse": "no"}), TypeError,
+     "return_lse must be a bool"),
 ]
+
+
+def test_numpy_scalars_are_accepted():
+    """numpy scalars are ordinary numbers here: a float32 scale, a numpy bool flag, an int64 block."""
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv()
+    layout = BlockSparseLayout.dense(64, 64, block_size=np.int64(32), device=DEVICE)
+    out, lse = sparse_attention(q, k, v, layout, scale=np.float32(0.25), return_lse=np.bool_(True),
+                                causal=np.bool_(False), backend="reference")
+    want = sparse_attention(q, k, v, layout, scale=0.25, causal=False, backend="reference")
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert lse.shape == q.shape[:3]
 
 
 @pytest.mark.parametrize("name,make,exc,msg", BAD, ids=[b[0] for b in BAD])
