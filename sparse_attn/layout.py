@@ -317,6 +317,22 @@ class BlockSparseLayout:
         out._q_builder = None  # rebuilt from the row form on the new device if ever needed
         return out
 
+    def check(self) -> None:
+        """Validate the layout's contents (reads them back to the host): counts within the index
+        width, block indices in range and strictly ascending, in the row form and, when built, the
+        transposed one, and both forms describing the same mask. Raises ``ValueError``.
+
+        The kernels never read outside K/V whatever a layout holds (they clamp what they load),
+        but a layout mutated after it was built computes wrong numbers; ``sparse_attention`` calls
+        this on every layout it receives when ``SPARSE_ATTN_CHECK_LAYOUTS=1`` is set at import.
+        """
+        _validate_rows(self.kv_num, self.kv_idx, self.num_key_blocks)
+        if self._q is not None:
+            q_num, q_idx = self._q
+            _validate_rows(q_num, q_idx, self.num_query_blocks)
+            if not torch.equal(_expand(q_num, q_idx, self.num_query_blocks).transpose(-1, -2), self.to_block_mask()):
+                raise ValueError("the layout's row form and transposed form describe different masks")
+
     def __repr__(self) -> str:
         return (
             f"BlockSparseLayout(shape={self.shape}, block_size={self.block_size}, "

@@ -45,6 +45,8 @@ except ImportError:  # pragma: no cover - numpy is optional
 # also keeps these checks free of work that torch.compile would have to trace.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Debug: validate the contents of every layout the op receives (a host read per call).
+_CHECK_LAYOUTS = os.environ.get("SPARSE_ATTN_CHECK_LAYOUTS", "0") not in ("", "0")
 
 
 def available_backends(device: Union[str, torch.device] = "cuda") -> Tuple[str, ...]:
@@ -289,6 +291,8 @@ def sparse_attention(
     _check_tensors(q, k, v, resolved)
     if layout is not None:
         _check_layout(layout, q, k)
+        if _CHECK_LAYOUTS:
+            layout.check()
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):

@@ -160,3 +160,72 @@ def test_torch_compile_inductor_cpu():
     q, k, v = make_qkv(1, 2, 1, 40, 40, 16)
     f = torch.compile(lambda q, k, v: sparse_attention(q * 2, k, v, causal=False) + 1, fullgraph=True)
     torch.testing.assert_close(f(q, k, v), reference_attention(q * 2, k, v, causal=False) + 1)
+
+
+def _nan_padded(t: torch.Tensor, pad: int = 96) -> torch.Tensor:
+    """``t`` as a view into a larger NaN-filled buffer (``pad`` NaN rows before and after it along
+    the sequence), so a read outside the view shows up as NaN in the result."""
+    buf = torch.full((*t.shape[:2], t.shape[2] + 2 * pad, t.shape[3]), float("nan"), dtype=t.dtype, device=t.device)
+    buf[:, :, pad:pad + t.shape[2]] = t
+    return buf[:, :, pad:pad + t.shape[2]].detach().requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("fill", [-5, 99, -2 ** 31, 2 ** 31 - 1])
+def test_corrupt_block_ids_never_read_outside_qkv(fill):
+    """Block ids overwritten after the layout was built (negative, past the end, int32 extremes)
+    must not make the kernels read outside Q/K/V (they clamp what they load): Q/K/V sit inside
+    NaN-filled buffers, so any stray read would turn the result non-finite."""
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("the Triton backend is not available here")
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (_nan_padded(t) for t in make_qkv(1, 2, 1, 100, 100, 32, torch.float32, DEVICE, generator=gen,
+                                                 requires_grad=True))
+    for block in (32, 16):  # 16: the interpreter's 32-row tiles walk a tile plan with bit masks
+        layout = BlockSparseLayout.from_block_mask((torch.rand(1, 1, -(-100 // block), -(-100 // block),
+                                                               generator=gen) < 0.6).to(DEVICE), block, 100, 100)
+        layout.q_num  # noqa: B018 - build the transposed form, then corrupt both
+        layout.kv_idx.fill_(fill)
+        layout.q_idx.fill_(fill)
+        out = sparse_attention(q, k, v, layout, backend="triton")
+        out.sum().backward()
+        for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            assert torch.isfinite(t).all(), f"block {block}, ids {fill}: {name} read outside its tensor"
+        q.grad = k.grad = v.grad = None
+
+
+def test_corrupt_counts_stay_inside_their_row():
+    """A count past the index width is clamped to it: the walk never reads the next row's ids (or
+    past the tensor), so the result equals the one with the count at the width."""
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("the Triton backend is not available here")
+    q, k, v = make_qkv(1, 2, 1, 128, 128, 32, torch.float32, DEVICE)
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 0, :2] = True  # row 0 keeps 2 of its 4 slots; the next rows keep others
+    mask[..., 1:, 1:] = True
+    full = BlockSparseLayout.from_block_mask(mask.to(DEVICE), 32, 128, 128)
+    width = full.kv_idx.shape[-1]
+    full.kv_num[..., 0] = width  # row 0 walks all its slots (the padding ones included)
+    want = sparse_attention(q, k, v, full, causal=False, backend="triton")
+    over = BlockSparseLayout.from_block_mask(mask.to(DEVICE), 32, 128, 128)
+    over.kv_num[..., 0] = width + 3  # past the row: would walk row 1's ids
+    got = sparse_attention(q, k, v, over, causal=False, backend="triton")
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_check_layouts_flag_rejects_corrupt_layouts(monkeypatch):
+    import sparse_attn.ops as ops
+
+    q, k, v = _qkv()
+    layout = BlockSparseLayout.from_block_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE), 32, 64, 64)
+    layout.check()  # a built layout is valid
+    monkeypatch.setattr(ops, "_CHECK_LAYOUTS", True)
+    sparse_attention(q, k, v, layout, backend="reference")
+    layout.kv_idx.fill_(-5)
+    with pytest.raises(ValueError, match="out of range"):
+        sparse_attention(q, k, v, layout, backend="reference")
+    good = BlockSparseLayout.from_block_mask(torch.tril(torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)),
+                                             32, 64, 64)
+    good.q_num  # noqa: B018 - builds the transposed form
+    good.q_idx[0, 0, 1, 0] = 0  # column 1 now claims row 0: the forms disagree
+    with pytest.raises(ValueError, match="different masks"):
+        good.check()

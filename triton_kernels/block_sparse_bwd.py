@@ -96,7 +96,7 @@ def _dkdv_tile(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im,
+    P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -143,9 +143,9 @@ def _bwd_dkdv_kernel(
                 )
         else:
             n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, n0 // TK,
-                                             stride_nb, stride_nh, stride_ib, stride_ih, stride_im)
+                                             stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width)
             for j in range(n_ent):
-                u_r, bits = _plan_entry(p_idx, p_bits, j, HAS_BITS)
+                u_r, bits = _plan_entry(p_idx, p_bits, j, tl.cdiv(seq_q, TQ), HAS_BITS)
                 for sub in range(TQ // BLOCK_M):
                     start_m = u_r * TQ + sub * BLOCK_M
                     if (start_m < seq_q) & (start_m + BLOCK_M > lo):
@@ -190,7 +190,7 @@ def _dq_tile(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im,
+    P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -234,9 +234,9 @@ def _bwd_dq_kernel(
             )
     else:
         n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, m0 // TQ,
-                                         stride_nb, stride_nh, stride_ib, stride_ih, stride_im)
+                                         stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width)
         for j in range(n_ent):
-            u_c, bits = _plan_entry(p_idx, p_bits, j, HAS_BITS)
+            u_c, bits = _plan_entry(p_idx, p_bits, j, tl.cdiv(seq_k, TK), HAS_BITS)
             for sub in range(TK // BLOCK_N):
                 start_n = u_c * TK + sub * BLOCK_N
                 if start_n < hi:

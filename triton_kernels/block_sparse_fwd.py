@@ -57,7 +57,7 @@ def _fwd_tile(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im,
+    P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -100,9 +100,9 @@ def _fwd_kernel(
             )
     else:
         n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, m0 // TQ,
-                                         stride_nb, stride_nh, stride_ib, stride_ih, stride_im)
+                                         stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width)
         for j in range(n_ent):
-            u_c, bits = _plan_entry(p_idx, p_bits, j, HAS_BITS)
+            u_c, bits = _plan_entry(p_idx, p_bits, j, tl.cdiv(seq_k, TK), HAS_BITS)
             for sub in range(TK // BLOCK_N):
                 start_n = u_c * TK + sub * BLOCK_N
                 if start_n < hi:

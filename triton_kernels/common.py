@@ -20,18 +20,23 @@ LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit
-def _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_lh, row, stride_nb, stride_nh, stride_ib, stride_ih, stride_im):
+def _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_lh, row, stride_nb, stride_nh, stride_ib, stride_ih, stride_im,
+              plan_width):
     """(entries, pointer to their unit indices, pointer to their bits) of plan row ``row``.
-    ``bits`` has ``idx``'s shape and strides."""
+    ``bits`` has ``idx``'s shape and strides. The count is clamped to ``[0, plan_width]``, so no
+    layout contents can walk past its row."""
     n = tl.load(P_NUM + i_b * stride_nb + i_lh * stride_nh + row)
+    n = tl.minimum(tl.maximum(n, 0), plan_width)
     off = i_b * stride_ib + i_lh * stride_ih + row * stride_im
     return n, P_IDX + off, P_BITS + off
 
 
 @triton.jit
-def _plan_entry(p_idx, p_bits, j, HAS_BITS: tl.constexpr):
-    """(unit index, bits) of entry ``j`` of a plan row; bits are 0 (unused) without a bit mask."""
-    unit = tl.load(p_idx + j)
+def _plan_entry(p_idx, p_bits, j, n_units, HAS_BITS: tl.constexpr):
+    """(unit index, bits) of entry ``j`` of a plan row; bits are 0 (unused) without a bit mask.
+    The index is clamped to ``[0, n_units)``: a corrupt layout gives wrong numbers, never a read
+    outside K/V (``SPARSE_ATTN_CHECK_LAYOUTS=1`` makes the op reject one instead)."""
+    unit = tl.minimum(tl.maximum(tl.load(p_idx + j), 0), n_units - 1)
     bits = tl.load(p_bits + j).to(tl.int64) if HAS_BITS else 0
     return unit, bits
 
@@ -104,16 +109,16 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def plan_args(plan, heads_q: int) -> tuple:
-    """(NUM, IDX, BITS, strides..., LAYOUT_GROUP) of a tile plan (``None`` = dense); batch stride 0
-    when the plan is shared by the batch. Without bits, ``IDX`` stands in (never read)."""
+    """(NUM, IDX, BITS, strides..., width, LAYOUT_GROUP) of a tile plan (``None`` = dense); batch
+    stride 0 when the plan is shared by the batch. Without bits, ``IDX`` stands in (never read)."""
     if plan is None:
-        return (None, None, None, 0, 0, 0, 0, 0, 1)
+        return (None, None, None, 0, 0, 0, 0, 0, 0, 1)
     num, idx = plan.num, plan.idx
     bl = num.shape[0]
     return (
         num, idx, idx if plan.bits is None else plan.bits,
         num.stride(0) if bl > 1 else 0, num.stride(1),
-        idx.stride(0) if bl > 1 else 0, idx.stride(1), idx.stride(2),
+        idx.stride(0) if bl > 1 else 0, idx.stride(1), idx.stride(2), idx.shape[-1],
         heads_q // num.shape[1],
     )
 
