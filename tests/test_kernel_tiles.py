@@ -3,7 +3,7 @@
 On a CPU machine the launches normally take the interpreter's own 32x32 tiles; the Hopper and
 Ampere tables (128-row query tiles, 16..128-key tiles) would only ever run on a GPU. Here
 ``configs.family_override`` makes the launchers use those tables on CPU tensors too, and
-``SPARSE_ATTN_TILES`` pins each tile shape (wide / rows / exact), so the tile plans, the bit masks
+``SPARSE_ATTN_TILES`` pins each tile shape (``configs.SHAPES``), so the tile plans, the bit masks
 of unioned layout blocks and the causal masking of every tile size are checked on any machine.
 
 * ``test_gpu_tile_configs``: family x shape x a few small cases (dtypes, head dims, GQA, layout
