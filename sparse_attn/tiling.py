@@ -33,7 +33,7 @@ import torch
 
 from .layout import _ceil_div
 
-__all__ = ["TilePlan", "build_plan", "kept_pairs", "computed_pairs", "work_ratio"]
+__all__ = ["TilePlan", "build_plan", "full_bits", "kept_pairs", "computed_pairs", "work_ratio"]
 
 _MAX_BITS = 64
 
@@ -62,8 +62,13 @@ class TilePlan:
     @property
     def full_bits(self) -> int:
         """The ``bits`` value of a unit whose every layout block is kept."""
-        n = self.sub_rows * self.sub_cols
-        return -1 if n == _MAX_BITS else (1 << n) - 1
+        return full_bits(self.sub_rows * self.sub_cols)
+
+
+def full_bits(n_blocks: int) -> int:
+    """The bit mask of ``n_blocks`` kept layout blocks, as the kernels compare it (int64: all 64
+    bits set is -1)."""
+    return -1 if n_blocks == _MAX_BITS else (1 << n_blocks) - 1
 
 
 def build_plan(

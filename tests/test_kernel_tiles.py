@@ -115,7 +115,7 @@ def _kernel_vs_reference(q, k, v, layout: BlockSparseLayout, causal: bool, famil
     with configs.family_override(family):  # both the forward and the backward launches
         got = run_fwd_bwd(lambda a, b, c: sparse_attention(a, b, c, layout, causal=causal, return_lse=True,
                                                     backend="triton"), q, k, v, do, dlse)
-        report = configs.launch_report(q, layout, causal)
+        report = configs.launch_report(q, layout)
     want = run_fwd_bwd(lambda a, b, c: reference_attention(a, b, c, layout, causal=causal, return_lse=True),
                 *(t.double() for t in (q, k, v)), do.double(), dlse.double())
     fails = _compare(q.dtype, got, want, seen)

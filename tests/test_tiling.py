@@ -119,7 +119,7 @@ def test_random_sparse_layout_falls_back_by_the_model():
         with configs.family_override(family):
             for kernel in configs.KERNELS:
                 num, idx = (layout.q_num, layout.q_idx) if kernel == "dkdv" else (layout.kv_num, layout.kv_idx)
-                tiles, plan = configs.select_tiles(kernel, q, num, idx, 16, 16, layout.seq_q, layout.seq_k, True)
+                tiles, plan = configs.select_tiles(kernel, q, num, idx, 16, 16, layout.seq_q, layout.seq_k)
                 cands = {a: c for c in configs.candidates(family, kernel, 128, 2, 16, 16) for a in c["aliases"]}
                 assert (tiles["BLOCK_M"], tiles["BLOCK_N"]) != (cands["wide"]["BLOCK_M"], cands["wide"]["BLOCK_N"])
 
@@ -136,14 +136,14 @@ def test_choice_and_plan_are_cached_on_the_layout_and_follow_in_place_changes():
     num, idx = src.kv_num.clone(), src.kv_idx.clone()  # private copies: strided() layouts are shared
     q = _q()
     with configs.family_override("hopper"):
-        a = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096, True)
-        b = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096, True)
+        a = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096)
+        b = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096)
         assert a[1] is b[1]
         # only the chosen plan stays on the layout (the candidates' plans would multiply its memory)
         assert len(configs.candidates("hopper", "fwd", 128, 2, 16, 16)) > 1
         assert sum("plan" in key for key in idx._sparse_attn_plans) == 1
         idx.add_(0)  # bumps the version: the cached plan must not be served
-        c = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096, True)[1]
+        c = configs.select_tiles("fwd", q, num, idx, 16, 16, 4096, 4096)[1]
         assert c is not a[1] and torch.equal(c.idx, a[1].idx)
 
 
@@ -153,12 +153,12 @@ def test_pinned_shape_and_bad_value(monkeypatch):
     with configs.family_override("hopper"):
         for shape in configs.SHAPES:
             monkeypatch.setenv("SPARSE_ATTN_TILES", shape)
-            tiles, _ = configs.select_tiles("fwd", q, layout.kv_num, layout.kv_idx, 16, 16, 1024, 1024, True)
+            tiles, _ = configs.select_tiles("fwd", q, layout.kv_num, layout.kv_idx, 16, 16, 1024, 1024)
             want = next(c for c in configs.candidates("hopper", "fwd", 128, 2, 16, 16) if shape in c["aliases"])
             assert (tiles["BLOCK_M"], tiles["BLOCK_N"]) == (want["BLOCK_M"], want["BLOCK_N"])
         monkeypatch.setenv("SPARSE_ATTN_TILES", "huge")
         with pytest.raises(ValueError, match="SPARSE_ATTN_TILES"):
-            configs.select_tiles("fwd", q, layout.kv_num, layout.kv_idx, 16, 16, 1024, 1024, True)
+            configs.select_tiles("fwd", q, layout.kv_num, layout.kv_idx, 16, 16, 1024, 1024)
 
 
 # ------------------------------------------------------------------------------------------------

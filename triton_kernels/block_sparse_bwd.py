@@ -308,7 +308,7 @@ def block_sparse_attn_bwd(
             DENSE=plan is None, **flags, **plan_flags(plan, tiles), **tiles,
         )
 
-    tiles, plan = select_tiles("dkdv", q, q_num, q_idx, block_q, block_k, sq, sk, causal)
+    tiles, plan = select_tiles("dkdv", q, q_num, q_idx, block_q, block_k, sq, sk)
     launch_dkdv(*autotuned("dkdv", q, tiles, plan, q_num, q_idx, sq, sk, causal, launch_dkdv))
 
     # dQ: one program per query tile, walking the plan rows.
@@ -321,6 +321,6 @@ def block_sparse_attn_bwd(
             DENSE=plan is None, **flags, **plan_flags(plan, tiles), **tiles,
         )
 
-    tiles, plan = select_tiles("dq", q, kv_num, kv_idx, block_q, block_k, sq, sk, causal)
+    tiles, plan = select_tiles("dq", q, kv_num, kv_idx, block_q, block_k, sq, sk)
     launch_dq(*autotuned("dq", q, tiles, plan, kv_num, kv_idx, sq, sk, causal, launch_dq))
     return dq, dk, dv

@@ -137,7 +137,7 @@ def block_sparse_attn_fwd(
     Returns ``out [B, Hq, Sq, D]`` (q's dtype, contiguous) and ``lse [B, Hq, Sq]`` fp32."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    tiles, plan = select_tiles("fwd", q, kv_num, kv_idx, block_q, block_k, sq, sk, causal)
+    tiles, plan = select_tiles("fwd", q, kv_num, kv_idx, block_q, block_k, sq, sk)
     out = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
 

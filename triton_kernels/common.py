@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_attn.tiling import full_bits
+
 LOG2E = 1.4426950408889634  # scores live in the log2 domain (exp2); lse is stored as a natural log
 LN2 = 0.6931471805599453
 # the same two, visible inside @triton.jit code (which may read only constexpr globals)
@@ -123,12 +125,17 @@ def plan_args(plan, heads_q: int) -> tuple:
     )
 
 
+def walk_flags(tiles: dict, n_blocks: int) -> dict:
+    """The walk's constexprs: units ``TQ x TK`` and the bit mask of units holding ``n_blocks``
+    layout blocks (1: no bit mask)."""
+    return dict(TQ=max(tiles["BLOCK_M"], tiles["BQ"]), TK=max(tiles["BLOCK_N"], tiles["BK"]), HAS_BITS=n_blocks > 1,
+                FULL_BITS=full_bits(n_blocks) if n_blocks > 1 else 0)
+
+
 def plan_flags(plan, tiles: dict) -> dict:
-    """The walk's constexprs: units ``TQ x TK`` and the bit mask, for ``plan`` (or dense)."""
-    bq, bk = tiles["BQ"], tiles["BK"]
+    """:func:`walk_flags` for ``plan`` (``None``: dense)."""
     has_bits = plan is not None and plan.bits is not None
-    return dict(TQ=max(tiles["BLOCK_M"], bq), TK=max(tiles["BLOCK_N"], bk), HAS_BITS=has_bits,
-                FULL_BITS=plan.full_bits if has_bits else 0)
+    return walk_flags(tiles, plan.sub_rows * plan.sub_cols if has_bits else 1)
 
 
 def upcast(device: torch.device) -> bool:

@@ -265,7 +265,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 def select_tiles(kernel: str, q: torch.Tensor, num: Optional[torch.Tensor], idx: Optional[torch.Tensor],
-                 bq: int, bk: int, seq_q: int, seq_k: int, causal: bool) -> Tuple[dict, Optional[TilePlan]]:
+                 bq: int, bk: int, seq_q: int, seq_k: int) -> Tuple[dict, Optional[TilePlan]]:
     """Launch parameters (tile constexprs + warps/stages) and the tile plan for ``kernel`` (one of
     ``KERNELS``) over the walk ``(num, idx)``, or the dense tiles and ``None`` without a layout."""
     family = gpu_family(q.device)
@@ -382,7 +382,7 @@ def _cached_plan(kernel: str, tiles: dict, num: torch.Tensor, idx: torch.Tensor,
     return cache[key]
 
 
-def launch_report(q: torch.Tensor, layout, causal: bool = True) -> Dict[str, dict]:
+def launch_report(q: torch.Tensor, layout) -> Dict[str, dict]:
     """What the launchers pick for ``layout`` with inputs like ``q`` (``[B, Hq, Sq, D]``; only its
     device, dtype and head dim matter) from the tile table (autotune aside), per kernel: ``shape``,
     ``tile`` (``BLOCK_M x BLOCK_N``)
@@ -394,7 +394,7 @@ def launch_report(q: torch.Tensor, layout, causal: bool = True) -> Dict[str, dic
     out = {}
     for kernel in KERNELS:
         num, idx = (layout.q_num, layout.q_idx) if kernel == "dkdv" else (layout.kv_num, layout.kv_idx)
-        tiles, plan = select_tiles(kernel, q, num, idx, bq, bk, sq, sk, causal)
+        tiles, plan = select_tiles(kernel, q, num, idx, bq, bk, sq, sk)
         rows, cols = (bk, bq) if kernel == "dkdv" else (bq, bk)
         n_rows, n_cols = (sk, sq) if kernel == "dkdv" else (sq, sk)
         tile = (tiles["BLOCK_M"], tiles["BLOCK_N"])

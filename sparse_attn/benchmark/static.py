@@ -133,13 +133,12 @@ def compile_row(row: Dict[str, Any], causal: bool = True) -> Dict[str, Any]:
     tiles = dict(row["tiles"])
     warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
     dense = row["block_q"] == 0
-    n_bits = max(1, tiles["BLOCK_M"] // tiles["BQ"]) * max(1, tiles["BLOCK_N"] // tiles["BK"])
-    has_bits = not dense and n_bits > 1
-    fn, types = _signature(row["kernel"], row["dtype"], has_bits)
+    from ..triton_kernels.common import walk_flags
+
+    n_blocks = 1 if dense else max(1, tiles["BLOCK_M"] // tiles["BQ"]) * max(1, tiles["BLOCK_N"] // tiles["BK"])
+    fn, types = _signature(row["kernel"], row["dtype"], n_blocks > 1)
     consts = dict(HEAD_DIM=row["head_dim"], CAUSAL=causal, DENSE=dense, UPCAST=False,
-                  DOT_PREC="ieee" if row["dtype"] == "fp32" else "tf32",
-                  TQ=max(tiles["BLOCK_M"], tiles["BQ"]), TK=max(tiles["BLOCK_N"], tiles["BK"]), HAS_BITS=has_bits,
-                  FULL_BITS=(-1 if n_bits == 64 else (1 << n_bits) - 1) if has_bits else 0, **tiles)
+                  DOT_PREC="ieee" if row["dtype"] == "fp32" else "tf32", **walk_flags(tiles, n_blocks), **tiles)
     if dense:
         consts.update(P_NUM=None, P_IDX=None, P_BITS=None)
     out = dict(row)
