@@ -91,10 +91,11 @@ def compress_block_mask(block_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.T
 def _expand(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(counts [..., M], indices [..., M, K]) -> bool mask [..., M, n_cols].
 
-    Padding slots (position >= count) are ignored whatever they hold.
+    Padding slots (position >= count) are ignored whatever they hold, and so is an index outside
+    ``[0, n_cols)`` (an unchecked layout's garbage names no block; it is never moved onto a real one).
     """
     slots = torch.arange(idx.shape[-1], device=idx.device)
-    valid = slots < num.unsqueeze(-1)
+    valid = (slots < num.unsqueeze(-1)) & (idx >= 0) & (idx < n_cols)
     target = idx.long().clamp(0, max(n_cols - 1, 0))
     hits = torch.zeros(*idx.shape[:-1], n_cols, dtype=torch.int32, device=idx.device)
     hits.scatter_add_(-1, target, valid.to(torch.int32))
@@ -125,9 +126,14 @@ class BlockSparseLayout:
         seq_q, seq_k: sequence lengths; default ``Mq * bq`` and ``num_key_blocks * bk``.
         num_key_blocks: ``Mk``; defaults to ``ceil(seq_k / bk)`` when ``seq_k`` is given,
             else ``K``.
-        validate: check counts and indices (range, strictly ascending). This reads the
-            data back to the host; pass ``False`` inside CUDA graphs once the producer
-            is trusted.
+        validate: check counts and indices (range, strictly ascending) and raise
+            ``ValueError`` on a bad one. This reads the data back to the host; ``False``
+            means the producer is trusted (e.g. inside CUDA graphs): nothing is read back,
+            and whatever the tensors hold can never make a kernel read outside Q/K/V, but a
+            bad layout is not reported: indices outside ``[0, Mk)`` are dropped (they keep
+            no block), counts are clamped to ``[0, K]`` and repeated indices count once.
+            ``SPARSE_ATTN_CHECK_LAYOUTS=1`` makes :func:`sparse_attention` check every
+            layout it receives.
     """
 
     def __init__(
@@ -307,6 +313,20 @@ class BlockSparseLayout:
         """Fraction of blocks kept (reads back to the host: not for hot paths)."""
         total = self.kv_num.numel() * self.num_key_blocks
         return float(self.kv_num.sum().item()) / max(total, 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the device tensors the layout holds: the row form, the transposed form once
+        built, and the tile plans the kernels cached on them (no host sync)."""
+        tensors = [self.kv_num, self.kv_idx] + (list(self._q) if self._q is not None else [])
+        total = 0
+        for t in tensors:
+            total += t.numel() * t.element_size()
+            for entry in getattr(t, "_sparse_attn_plans", {}).values():  # see triton_kernels.configs
+                for part in (getattr(entry, name, None) for name in ("num", "idx", "bits")):
+                    if isinstance(part, torch.Tensor):
+                        total += part.numel() * part.element_size()
+        return total
 
     def to(self, device: Union[str, torch.device]) -> "BlockSparseLayout":
         """A copy of the layout on ``device``."""

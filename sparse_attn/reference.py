@@ -78,6 +78,42 @@ def _scores(qc, kf, scale, allowed):
     return s
 
 
+def _contained_matmul(a: torch.Tensor, b: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """``a @ b`` where ``a`` is zero wherever ``keep`` (broadcastable to ``a``) is false, computed
+    so that a NaN or infinity of ``b`` reaches only the output elements of rows that keep its
+    term: IEEE's ``0 * nan = nan`` would otherwise carry it to every row. Those elements get what
+    the kept terms make of it (NaN for a NaN or for +inf meeting -inf, else +-inf)."""
+    bad = ~torch.isfinite(b)
+    if keep is None or not bool(bad.any()):  # the oracle may sync: it is not a hot path
+        return torch.matmul(a, b)
+    out = torch.matmul(a, b.masked_fill(bad, 0.0))
+    kept = keep.expand(a.shape).to(b.dtype)
+    nan = torch.matmul(kept, torch.isnan(b).to(b.dtype)) > 0
+    pos = torch.matmul(kept, (b == float("inf")).to(b.dtype)) > 0
+    neg = torch.matmul(kept, (b == float("-inf")).to(b.dtype)) > 0
+    out = torch.where(pos, float("inf"), out)
+    out = torch.where(neg, float("-inf"), out)
+    return torch.where(nan | (pos & neg), float("nan"), out)
+
+
+def _probabilities(s: torch.Tensor, m: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """``exp(s - m)`` with exact zeros where ``allowed`` is false (also when ``m`` is NaN)."""
+    p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m).unsqueeze(-1))
+    return p if allowed is None else p.masked_fill(~allowed, 0.0)
+
+
+def _kept(s: torch.Tensor, allowed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The terms a row keeps: allowed, and a score above -inf (a -inf score has probability 0 and
+    is dropped like a masked one, as in the kernels). None (all) when every score is finite."""
+    if allowed is None and not bool(torch.isneginf(s).any()):
+        return None
+    return s != float("-inf")
+
+
+def _transposed(keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if keep is None else keep.transpose(-1, -2)
+
+
 def reference_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,9 +141,10 @@ def reference_forward(
         rows = torch.arange(i0, min(i0 + step, sq), device=q.device)
         allowed = _allowed(block_mask, block_size, rows, sq, sk, hq, causal)
         s = _scores(q[:, :, i0 : i0 + step].to(acc), kf, scale, allowed)
+        allowed = _kept(s, allowed)
         m = torch.logsumexp(s, dim=-1)  # -inf on rows that see nothing
-        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m).unsqueeze(-1))
-        out[:, :, i0 : i0 + step] = torch.matmul(p, vf).to(q.dtype)
+        p = _probabilities(s, m, allowed)
+        out[:, :, i0 : i0 + step] = _contained_matmul(p, vf, allowed).to(q.dtype)
         lse[:, :, i0 : i0 + step] = m
     return out, lse
 
@@ -143,16 +180,20 @@ def reference_backward(
         allowed = _allowed(block_mask, block_size, rows, sq, sk, hq, causal)
         qc, doc = q[:, :, sl].to(acc), dout[:, :, sl].to(acc)
         s = _scores(qc, kf, scale, allowed)
+        allowed = _kept(s, allowed)
         m = lse[:, :, sl].to(acc)
-        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m).unsqueeze(-1))  # [B, Hq, C, Sk]
-        dv += torch.matmul(p.transpose(-1, -2), doc)
+        p = _probabilities(s, m, allowed)  # [B, Hq, C, Sk]
+        dv += _contained_matmul(p.transpose(-1, -2), doc, _transposed(allowed))
         dp = torch.matmul(doc, vf.transpose(-1, -2))
-        delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(dO * O), without O's rounding
+        pdp = p * dp if allowed is None else torch.where(allowed, p * dp, 0.0)
+        delta = pdp.sum(-1, keepdim=True)  # = rowsum(dO * O), without O's rounding
         if dlse is not None:
             delta = delta - dlse[:, :, sl].to(acc).unsqueeze(-1)
         ds = p * (dp - delta) * scale
-        dq[:, :, sl] = torch.matmul(ds, kf).to(q.dtype)
-        dk += torch.matmul(ds.transpose(-1, -2), qc)
+        if allowed is not None:
+            ds = ds.masked_fill(~allowed, 0.0)
+        dq[:, :, sl] = _contained_matmul(ds, kf, allowed).to(q.dtype)
+        dk += _contained_matmul(ds.transpose(-1, -2), qc, _transposed(allowed))
     group = hq // hkv
     dk = dk.view(b, hkv, group, sk, d).sum(2).to(k.dtype)
     dv = dv.view(b, hkv, group, sk, d).sum(2).to(v.dtype)

@@ -414,7 +414,7 @@ def test_seer_on_a_model_with_q_norm():
 # ------------------------------------------------------------------------------------------------
 # torch.compile, the mask function, errors
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # none may be left
 @pytest.mark.parametrize("method,opts", [("dense", {}), ("s2", dict(block_size=16, local_blocks=1, vert_stride=2))])
 def test_torch_compile_fullgraph(base, method, opts):
     torch._dynamo.reset()

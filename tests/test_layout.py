@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import random_block_mask
+from sparse_attn import sparse_attention
 from sparse_attn.layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
 
 
@@ -211,6 +212,26 @@ def test_constructor_validate_false_skips_checks():
     BlockSparseLayout(num, idx, 16, validate=False)  # must not raise
     with pytest.raises(ValueError):
         BlockSparseLayout(num, idx, 16)
+
+
+def test_validate_false_drops_out_of_range_ids_instead_of_clamping():
+    """Garbage ids in an unchecked layout keep no block: 99 is not the last block, -7 not block 0
+    (clamping them would silently attend to blocks nobody listed)."""
+    num = torch.tensor([[[3, 2, 9]]])  # the last count exceeds the 3 slots: all 3 count
+    idx = torch.tensor([[[[99, 2, -7], [-7, 1, 0], [1, 1, 3]]]])
+    layout = BlockSparseLayout(num, idx, 16, seq_q=48, seq_k=64, validate=False)
+    want = torch.tensor([[[[0, 0, 1, 0], [0, 1, 0, 0], [0, 1, 0, 1]]]], dtype=torch.bool)
+    assert torch.equal(layout.to_block_mask(), want)
+    for bad in (dict(num=num, idx=idx), dict(num=torch.tensor([[[1, 0, 0]]]), idx=idx)):
+        with pytest.raises(ValueError):
+            BlockSparseLayout(bad["num"], bad["idx"], 16, seq_q=48, seq_k=64)
+    q = torch.randn(1, 1, 48, 16)
+    k = v = torch.randn(1, 1, 64, 16)
+    from sparse_attn import reference_attention
+
+    out = sparse_attention(q, k, v, layout, causal=False, backend="reference")
+    torch.testing.assert_close(out, reference_attention(q, k, v, BlockSparseLayout.from_block_mask(
+        want, 16, 48, 64), causal=False))
 
 
 # ----------------------------------------------------------------------------------------

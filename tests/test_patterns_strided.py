@@ -159,3 +159,84 @@ def test_transposed_form_only_built_for_gradients():
     moved = strided(2, 100, block_size=16, local_blocks=1, vert_stride=4).to("cpu")
     assert not moved.has_transposed and torch.equal(moved.q_num, BlockSparseLayout.from_block_mask(
         moved.to_block_mask(), 16, 100, 100).q_num)
+
+
+# ------------------------------------------------------------------------------------------------
+# The layout cache: bounded in bytes, LRU, thread-safe
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_cache():
+    from sparse_attn.patterns.s2 import layout_cache
+
+    saved = layout_cache.max_bytes
+    layout_cache.cache_clear()
+    yield layout_cache
+    layout_cache.max_bytes = saved
+    layout_cache.cache_clear()
+
+
+def test_cache_is_bounded_in_bytes_lru(small_cache):
+    one = strided(4, 1024, block_size=16, local_blocks=2, vert_stride=4)
+    size = one.nbytes
+    assert size == sum(t.numel() * t.element_size() for t in (one.kv_num, one.kv_idx)) > 0
+    small_cache.cache_clear()
+    small_cache.max_bytes = int(2.5 * size)  # room for two layouts of this size
+    a, b = (strided(4, 1024, block_size=16, local_blocks=2, vert_stride=s) for s in (4, 5))
+    assert strided(4, 1024, block_size=16, local_blocks=2, vert_stride=4) is a  # a hit, now most recent
+    c = strided(4, 1024, block_size=16, local_blocks=2, vert_stride=6)  # evicts b, the least recent
+    info = small_cache.info()
+    assert info["entries"] == 2 and info["bytes"] <= small_cache.max_bytes
+    assert strided(4, 1024, block_size=16, local_blocks=2, vert_stride=4) is a
+    assert strided(4, 1024, block_size=16, local_blocks=2, vert_stride=6) is c
+    b2 = strided(4, 1024, block_size=16, local_blocks=2, vert_stride=5)
+    assert b2 is not b and torch.equal(b2.kv_idx, b.kv_idx)  # rebuilt, same contents
+
+
+def test_cache_counts_the_transposed_form_once_built(small_cache):
+    layout = strided(4, 1024, block_size=16, local_blocks=2, vert_stride=4)
+    before = layout.nbytes
+    layout.q_idx  # built on first use (for the backward)
+    assert layout.nbytes == before + layout.q_num.numel() * 4 + layout.q_idx.numel() * 4
+    small_cache.max_bytes = before + 1  # the grown entry no longer fits: dropped at the next insertion
+    other = strided(4, 1024, block_size=16, local_blocks=2, vert_stride=5)
+    assert small_cache.info()["entries"] == 1
+    assert strided(4, 1024, block_size=16, local_blocks=2, vert_stride=5) is other
+    assert strided(4, 1024, block_size=16, local_blocks=2, vert_stride=4) is not layout
+
+
+def test_cache_never_keeps_a_layout_over_budget(small_cache):
+    small_cache.max_bytes = 0
+    a = strided(2, 256, block_size=16, local_blocks=1, vert_stride=2)
+    assert small_cache.info() == dict(entries=0, bytes=0, max_bytes=0)
+    assert strided(2, 256, block_size=16, local_blocks=1, vert_stride=2) is not a
+
+
+def test_cache_budget_from_the_environment(monkeypatch):
+    from sparse_attn.patterns import s2
+
+    monkeypatch.setenv("SPARSE_ATTN_S2_CACHE_MB", "1.5")
+    assert s2._cache_budget() == 3 << 19
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("SPARSE_ATTN_S2_CACHE_MB", bad)
+        with pytest.raises(ValueError, match="SPARSE_ATTN_S2_CACHE_MB"):
+            s2._cache_budget()
+
+
+def test_cache_under_threads(small_cache):
+    """8 threads building overlapping keys get correct layouts and leave a consistent cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    small_cache.max_bytes = 3 * strided(4, 512, block_size=16, local_blocks=2, vert_stride=3).nbytes
+    small_cache.cache_clear()
+    keys = [(3 + i % 4, 512 + 16 * (i % 3)) for i in range(64)]
+
+    def build(key):
+        stride, seq = key
+        return key, strided(4, seq, block_size=16, local_blocks=2, vert_stride=stride)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(build, keys))
+    for (stride, seq), layout in results:
+        assert torch.equal(layout.to_block_mask(), rule_mask(4, seq, seq, 16, 2, stride))
+    info = small_cache.info()
+    assert 1 <= info["entries"] <= 3 and info["bytes"] <= info["max_bytes"]

@@ -106,3 +106,25 @@ def test_static_command_writes_the_json_rows(tmp_path):
     assert all(list(r) == list(static.KEYS) for r in rows)
     assert all(r["instr"] == "wgmma" and r["spill_bytes"] == 0 and r["model_ms"] > 0 for r in rows)
     assert "| fwd | 90 | 64 | bf16 |" in proc.stdout
+
+
+def test_contained_variant_compiles():
+    """The variant that runs when an input holds a NaN/inf (``CONTAIN=True``) compiles for sm_90 for
+    each kernel, on a split layout block (bit masks) and dense. It may spill (it is the rare path);
+    the report's checks hold the plain variant."""
+    rows = [r for r in static.configurations(ccs=(90,), head_dims=(64,), dtypes=("fp16",), blocks=(16,))
+            if r["shape"] == "dense" or r["shape"].startswith("wide")]
+    assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv"}
+    code = (
+        "import json, sys\n"
+        "from sparse_attn.benchmark import static\n"
+        "static._worker_init()\n"
+        "rows = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([static.compile_row(r, contain=True) for r in rows]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(rows), env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == len(rows) and all(r["regs"] > 0 and r["instr"] != "none" for r in got)

@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, LOG2E_C, _causal_hi, _causal_lo, _load_tile, _mask_scores, _plan_entry, _plan_row,
-                     dot_precision, plan_args, plan_flags, upcast)
+from .common import (LOG2E, LOG2E_C, _causal_hi, _causal_lo, _contained_dot, _finite_part, _load_tile, _mask_scores,
+                     _nonfinite_codes, _other_variant, _plan_entry, _plan_row, dot_precision, nonfinite_flag, plan_args,
+                     plan_flags, upcast)
 from .configs import autotuned, select_tiles
 
 __all__ = ["block_sparse_attn_bwd"]
@@ -71,7 +72,7 @@ def _dkdv_tile(
     start_m, start_n, offs_n, offs_d, bits, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-    TQ: tl.constexpr, TK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    TQ: tl.constexpr, TK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, CONTAIN: tl.constexpr,
 ):
     """Add query rows ``[start_m, start_m + BLOCK_M)``'s share to dK^T, dV^T of this key tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -82,20 +83,33 @@ def _dkdv_tile(
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-    # Rows past seq_q need no mask: their lse loads as +inf, so their probabilities are 0.
-    b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL, HAS_BITS,
-                       FULL_BITS, BQ, BK, TQ, TK, False)
+    # Rows past seq_q need no mask: their lse loads as +inf, so their probabilities are 0 (unless
+    # K holds a NaN/inf: the contained path below drops them too).
+    b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL,
+                               HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, False)
     b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
-    b_dvt = tl.dot(tl.trans(b_do), b_p.to(b_do.dtype), b_dvt, input_precision=DOT_PREC)  # [BD, BN]
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])
-    b_dkt = tl.dot(tl.trans(b_q), b_ds.to(b_q.dtype), b_dkt, input_precision=DOT_PREC)  # [BD, BN]
+    if CONTAIN:
+        # a NaN/inf in a query row's Q, dO, lse or delta, or in this tile's K/V, must reach only the
+        # keys that row keeps (rows past seq_q keep none)
+        keep = (b_s != float("-inf")) & (offs_m < seq_q)[:, None]
+        keep_f = keep.to(tl.float32)
+        b_p = tl.where(keep, b_p, 0.0)
+        b_ds = tl.where(keep, b_ds, 0.0)
+        b_dvt = _contained_dot(tl.trans(_finite_part(b_do)), b_p.to(b_do.dtype), b_dvt,
+                               tl.trans(_nonfinite_codes(b_do)), keep_f, DOT_PREC)  # [BD, BN]
+        b_dkt = _contained_dot(tl.trans(_finite_part(b_q)), b_ds.to(b_q.dtype), b_dkt,
+                               tl.trans(_nonfinite_codes(b_q)), keep_f, DOT_PREC)  # [BD, BN]
+    else:
+        b_dvt = tl.dot(tl.trans(b_do), b_p.to(b_do.dtype), b_dvt, input_precision=DOT_PREC)  # [BD, BN]
+        b_dkt = tl.dot(tl.trans(b_q), b_ds.to(b_q.dtype), b_dkt, input_precision=DOT_PREC)  # [BD, BN]
     return b_dkt, b_dvt
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, FLAG, DK, DV,
     P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -107,8 +121,10 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, CONTAIN: tl.constexpr,
 ):
+    if _other_variant(FLAG, CONTAIN):
+        return
     # Grid (batch x heads, key tiles): the first key tiles, read by the most query rows when
     # causal, start first.
     i_bh = tl.program_id(0)
@@ -139,7 +155,7 @@ def _bwd_dkdv_kernel(
                 b_dkt, b_dvt = _dkdv_tile(
                     b_dkt, b_dvt, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
                     start_m, n0, offs_n, offs_d, 0, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
-                    False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC,
+                    False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC, CONTAIN,
                 )
         else:
             n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, n0 // TK,
@@ -152,7 +168,7 @@ def _bwd_dkdv_kernel(
                         b_dkt, b_dvt = _dkdv_tile(
                             b_dkt, b_dvt, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
                             start_m, n0, offs_n, offs_d, bits, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
-                            CAUSAL, HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, UPCAST, DOT_PREC,
+                            CAUSAL, HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, UPCAST, DOT_PREC, CONTAIN,
                         )
 
     m_kvt = (offs_n[None, :] < seq_k) & (offs_d[:, None] < HEAD_DIM)
@@ -169,7 +185,7 @@ def _dq_tile(
     start_m, start_n, offs_m, offs_d, bits, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-    TQ: tl.constexpr, TK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    TQ: tl.constexpr, TK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, CONTAIN: tl.constexpr,
 ):
     """Add keys ``[start_n, start_n + BLOCK_N)``'s share to dQ of this query tile."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -179,17 +195,24 @@ def _dq_tile(
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-    b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL, HAS_BITS,
-                       FULL_BITS, BQ, BK, TQ, TK, True)
+    b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL,
+                               HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, True)
     b_p = tl.math.exp2(b_s - b_lse[:, None])
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])
-    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
+    b_ds = b_ds.to(b_k.dtype)
+    if CONTAIN:  # a NaN/inf in K or V must reach only the rows that see its key
+        keep = b_s != float("-inf")
+        b_dq = _contained_dot(tl.where(keep, b_ds, 0.0), _finite_part(b_k), b_dq, keep.to(tl.float32),
+                              _nonfinite_codes(b_k), DOT_PREC)
+    else:
+        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=DOT_PREC)
+    return b_dq
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, FLAG, DQ,
     P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -200,8 +223,10 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, CONTAIN: tl.constexpr,
 ):
+    if _other_variant(FLAG, CONTAIN):
+        return
     i_bh = tl.program_id(0)
     i_m = tl.program_id(1)
     if CAUSAL:  # later query tiles see more keys: start them first
@@ -230,7 +255,7 @@ def _bwd_dq_kernel(
         for start_n in range(0, hi, BLOCK_N):
             b_dq = _dq_tile(
                 b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
-                0, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC,
+                0, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC, CONTAIN,
             )
     else:
         n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, m0 // TQ,
@@ -243,7 +268,7 @@ def _bwd_dq_kernel(
                     b_dq = _dq_tile(
                         b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m,
                         offs_d, bits, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, HAS_BITS, FULL_BITS, BQ, BK,
-                        TQ, TK, UPCAST, DOT_PREC,
+                        TQ, TK, UPCAST, DOT_PREC, CONTAIN,
                     )
 
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -287,6 +312,7 @@ def block_sparse_attn_bwd(
         hq, sq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse,
     )
 
+    flag = nonfinite_flag(q, k, v, dout, delta, nan_only=(lse,))
     dq = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, hkv, sk, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(b, hkv, sk, d, dtype=v.dtype, device=q.device)
@@ -301,12 +327,13 @@ def block_sparse_attn_bwd(
     # dK/dV: one program per key tile, walking the transposed plan.
     def launch_dkdv(tiles: dict, plan) -> None:
         *walk, layout_group = plan_args(plan, hq)
-        _bwd_dkdv_kernel[(b * hkv, triton.cdiv(sk, tiles["BLOCK_N"]))](
-            q, k, v, dout, lse, delta, dk, dv, *walk, *common_strides,
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            hq, hkv, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
-            DENSE=plan is None, **flags, **plan_flags(plan, tiles), **tiles,
-        )
+        for contain in (False, True):  # one of the two returns at once (see common.nonfinite_flag)
+            _bwd_dkdv_kernel[(b * hkv, triton.cdiv(sk, tiles["BLOCK_N"]))](
+                q, k, v, dout, lse, delta, flag, dk, dv, *walk, *common_strides,
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                hq, hkv, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
+                DENSE=plan is None, CONTAIN=contain, **flags, **plan_flags(plan, tiles), **tiles,
+            )
 
     tiles, plan = select_tiles("dkdv", q, q_num, q_idx, block_q, block_k, sq, sk)
     launch_dkdv(*autotuned("dkdv", q, tiles, plan, q_num, q_idx, sq, sk, causal, launch_dkdv))
@@ -314,12 +341,13 @@ def block_sparse_attn_bwd(
     # dQ: one program per query tile, walking the plan rows.
     def launch_dq(tiles: dict, plan) -> None:
         *walk, layout_group = plan_args(plan, hq)
-        _bwd_dq_kernel[(b * hq, triton.cdiv(sq, tiles["BLOCK_M"]))](
-            q, k, v, dout, lse, delta, dq, *walk, *common_strides,
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            hq, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
-            DENSE=plan is None, **flags, **plan_flags(plan, tiles), **tiles,
-        )
+        for contain in (False, True):
+            _bwd_dq_kernel[(b * hq, triton.cdiv(sq, tiles["BLOCK_M"]))](
+                q, k, v, dout, lse, delta, flag, dq, *walk, *common_strides,
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                hq, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
+                DENSE=plan is None, CONTAIN=contain, **flags, **plan_flags(plan, tiles), **tiles,
+            )
 
     tiles, plan = select_tiles("dq", q, kv_num, kv_idx, block_q, block_k, sq, sk)
     launch_dq(*autotuned("dq", q, tiles, plan, kv_num, kv_idx, sq, sk, causal, launch_dq))

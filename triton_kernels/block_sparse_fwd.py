@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LN2_C, LOG2E, _causal_hi, _load_tile, _mask_scores, _plan_entry, _plan_row, dot_precision,
-                     plan_args, plan_flags, upcast)
+from .common import (LN2_C, LOG2E, _causal_hi, _contained_dot, _finite_part, _load_tile, _mask_scores,
+                     _nonfinite_codes, _other_variant, _plan_entry, _plan_row, dot_precision, nonfinite_flag, plan_args,
+                     plan_flags, upcast)
 from .configs import autotuned, select_tiles
 
 __all__ = ["block_sparse_attn_fwd", "LOG2E"]
@@ -29,7 +30,7 @@ def _fwd_tile(
     start_m, start_n, offs_m, offs_d, bits, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-    TQ: tl.constexpr, TK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    TQ: tl.constexpr, TK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, CONTAIN: tl.constexpr,
 ):
     """Fold keys ``[start_n, start_n + BLOCK_N)`` into the running (acc, l, m)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -38,8 +39,8 @@ def _fwd_tile(
     if UPCAST:
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], log2 domain
-    b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL, HAS_BITS,
-                       FULL_BITS, BQ, BK, TQ, TK, True)
+    b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL,
+                               HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, True)
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
     # A row that has seen nothing yet keeps m = -inf; shift by 0 there so no inf - inf.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -50,13 +51,19 @@ def _fwd_tile(
     if UPCAST:
         b_p = b_p.to(tl.float32)
         b_v = b_v.to(tl.float32)
-    acc = tl.dot(b_p, b_v, acc * alpha[:, None], input_precision=DOT_PREC)
+    acc = acc * alpha[:, None]
+    if CONTAIN:  # V holds a NaN/inf somewhere: it must reach only the rows that see its key
+        keep = b_s != float("-inf")
+        acc = _contained_dot(tl.where(keep, b_p, 0.0).to(b_v.dtype), _finite_part(b_v), acc, keep.to(tl.float32),
+                             _nonfinite_codes(b_v), DOT_PREC)
+    else:
+        acc = tl.dot(b_p, b_v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, FLAG,
     P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -66,8 +73,10 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr,
     HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, CAUSAL: tl.constexpr, DENSE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, CONTAIN: tl.constexpr,
 ):
+    if _other_variant(FLAG, CONTAIN):
+        return
     i_bh = tl.program_id(0)
     i_m = tl.program_id(1)
     if CAUSAL:  # later query tiles see more keys: start them first
@@ -96,7 +105,7 @@ def _fwd_kernel(
         for start_n in range(0, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d, 0,
-                seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC,
+                seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC, CONTAIN,
             )
     else:
         n_ent, p_idx, p_bits = _plan_row(P_NUM, P_IDX, P_BITS, i_b, i_h // LAYOUT_GROUP, m0 // TQ,
@@ -109,13 +118,14 @@ def _fwd_kernel(
                     acc, l_i, m_i = _fwd_tile(
                         acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
                         bits, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, HAS_BITS, FULL_BITS, BQ, BK, TQ,
-                        TK, UPCAST, DOT_PREC,
+                        TK, UPCAST, DOT_PREC, CONTAIN,
                     )
 
     # Rows that saw nothing: output 0, lse -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_C)
+    b_lse = tl.where(m_i == float("inf"), float("inf"), b_lse)  # a +inf score: lse +inf (l is NaN there)
     o_base = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=m_q)
     tl.store(LSE + i_bh.to(tl.int64) * seq_q + offs_m, b_lse, mask=offs_m < seq_q)
@@ -141,18 +151,21 @@ def block_sparse_attn_fwd(
     out = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
 
+    flag = nonfinite_flag(v)
+
     def launch(tiles: dict, plan) -> None:
         *walk, layout_group = plan_args(plan, hq)
-        _fwd_kernel[(b * hq, triton.cdiv(sq, tiles["BLOCK_M"]))](
-            q, k, v, out, lse, *walk,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            hq, hq // hkv, layout_group, sq, sk, scale * LOG2E,
-            HEAD_DIM=d, CAUSAL=causal, DENSE=plan is None, UPCAST=upcast(q.device),
-            DOT_PREC=dot_precision(q.dtype), **plan_flags(plan, tiles), **tiles,
-        )
+        for contain in (False, True):  # one of the two returns at once (see nonfinite_flag)
+            _fwd_kernel[(b * hq, triton.cdiv(sq, tiles["BLOCK_M"]))](
+                q, k, v, out, lse, flag, *walk,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                hq, hq // hkv, layout_group, sq, sk, scale * LOG2E,
+                HEAD_DIM=d, CAUSAL=causal, DENSE=plan is None, UPCAST=upcast(q.device),
+                DOT_PREC=dot_precision(q.dtype), CONTAIN=contain, **plan_flags(plan, tiles), **tiles,
+            )
 
     launch(*autotuned("fwd", q, tiles, plan, kv_num, kv_idx, sq, sk, causal, launch))
     return out, lse

@@ -105,6 +105,58 @@ def _mask_scores(
     return b_s
 
 
+# --------------------------------------------------------------------------------------------------
+# Non-finite containment. A masked probability is an exact 0, but in IEEE arithmetic 0 * NaN and
+# 0 * inf are NaN: one NaN in V (or K, Q, dO) would reach, through a tile's matmul, every row of
+# the tile, including rows that may not see it. Every kernel is compiled twice: the plain variant
+# (CONTAIN=False) and one whose products are :func:`_contained_dot` (the product of the finite
+# parts, then each non-finite value put back only where a kept term meets it; a kept term is one
+# whose score is above -inf: a -inf score, masked or by value, has probability 0 and is dropped).
+# Both are launched; a device flag (:func:`nonfinite_flag`, no host sync) makes one of them return
+# at once, so finite inputs run the plain kernel at full speed.
+# --------------------------------------------------------------------------------------------------
+def nonfinite_flag(*tensors: torch.Tensor, nan_only: tuple = ()) -> torch.Tensor:
+    """``int32 [1]`` on the tensors' device: 1 if any of ``tensors`` holds a NaN or an infinity (or
+    any of ``nan_only`` a NaN), else 0. Computed on the device, no host synchronisation."""
+    bad = [torch.isfinite(t).logical_not().any() for t in tensors] + [torch.isnan(t).any() for t in nan_only]
+    return torch.stack(bad).any().to(torch.int32).reshape(1)
+
+
+@triton.jit
+def _other_variant(FLAG, CONTAIN: tl.constexpr):
+    """Whether this launch is the variant the flag does not ask for (it then returns at once)."""
+    return (tl.load(FLAG) != 0) != CONTAIN
+
+
+@triton.jit
+def _finite_part(x):
+    """``x`` with its NaNs and infinities replaced by 0 (same dtype)."""
+    return tl.where((x == x) & (tl.abs(x) != float("inf")), x, tl.zeros_like(x))
+
+
+@triton.jit
+def _nonfinite_codes(x):
+    """fp32 tile: 0 where ``x`` is finite, 1 for +inf, 256 for -inf, 65536 for NaN. A matmul of a
+    0/1 keep matrix (contraction <= 255) with codes counts each kind exactly in base 256 (powers of
+    two are exact in tf32/bf16 and the fp32 sums stay below 2**24)."""
+    return tl.where(x != x, 65536.0, tl.where(x == float("inf"), 1.0, tl.where(x == float("-inf"), 256.0, 0.0)))
+
+
+@triton.jit
+def _contained_dot(a, b, acc, a_hits, b_hits, DOT_PREC: tl.constexpr):
+    """``acc + a @ b`` where ``a``, ``b`` are finite (one of them masked, with exact zeros) and
+    ``a_hits @ b_hits`` counts, per output element, the kept non-finite terms of the original
+    product (one side the 0/1 keep matrix, the other :func:`_nonfinite_codes` of the values).
+    Those elements become what IEEE arithmetic makes of the kept terms: NaN for a NaN or for
+    +inf meeting -inf, else +inf or -inf; every other element is the finite product."""
+    acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    h = tl.dot(a_hits, b_hits, input_precision="tf32").to(tl.int32)
+    pos = (h & 255) != 0
+    neg = ((h >> 8) & 255) != 0
+    nan = (h >= 65536) | (pos & neg)
+    return tl.where(nan, float("nan"), tl.where(pos, float("inf"), tl.where(neg, float("-inf"), acc)))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 dots; fp16/bf16 are unaffected by the flag."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -165,11 +165,14 @@ def _build_random(case: Case, device: torch.device, sync: Callable[[], None]) ->
 
 
 def _clear_caches(fn: Callable) -> int:
-    """Clear ``functools`` caches of ``fn`` and of the functions in its module; how many."""
+    """Clear the caches (``functools`` caches, objects with ``cache_clear``) of ``fn`` and of its
+    module; how many."""
     mod = sys.modules.get(getattr(fn, "__module__", ""), None)
     objs = [fn] + (list(vars(mod).values()) if mod is not None else [])
     n = 0
     for obj in objs:
+        if isinstance(obj, type):  # a cache class, not a cache
+            continue
         clear = getattr(obj, "cache_clear", None)
         if callable(clear):
             clear()

@@ -78,8 +78,9 @@ def _signature(kernel: str, dtype: str, has_bits: bool) -> Tuple[Any, Dict[str, 
     ptr = "*" + dtype
     plan = dict(P_NUM="*i32", P_IDX="*i32", P_BITS="*i64" if has_bits else "*i32")
     if kernel == "fwd":
-        return fwd._fwd_kernel, dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", qk_scale="fp32", **plan)
-    common = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32", qk_scale="fp32", scale="fp32", **plan)
+        return fwd._fwd_kernel, dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", FLAG="*i32", qk_scale="fp32", **plan)
+    common = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32", FLAG="*i32", qk_scale="fp32", scale="fp32",
+                  **plan)
     if kernel == "dq":
         return bwd._bwd_dq_kernel, dict(DQ=ptr, **common)
     return bwd._bwd_dkdv_kernel, dict(DK=ptr, DV=ptr, **common)
@@ -127,9 +128,11 @@ def compile_kernel(fn: Any, types: Dict[str, str], consts: Dict[str, Any], cc: i
                 smem_bytes=int(compiled.metadata.shared), compile_s=round(time.perf_counter() - t0, 2))
 
 
-def compile_row(row: Dict[str, Any], causal: bool = True) -> Dict[str, Any]:
+def compile_row(row: Dict[str, Any], causal: bool = True, contain: bool = False) -> Dict[str, Any]:
     """Compile one configuration (see :func:`configurations`) and fill ``instr``, ``regs``,
-    ``spill_bytes``, ``smem_bytes`` (and ``compile_s``)."""
+    ``spill_bytes``, ``smem_bytes`` (and ``compile_s``). ``contain`` compiles the variant that runs
+    only when an input holds a NaN/inf (``triton_kernels.common.nonfinite_flag``); the report and
+    its checks are about the plain variant, the one finite inputs run."""
     tiles = dict(row["tiles"])
     warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
     dense = row["block_q"] == 0
@@ -137,7 +140,7 @@ def compile_row(row: Dict[str, Any], causal: bool = True) -> Dict[str, Any]:
 
     n_blocks = 1 if dense else max(1, tiles["BLOCK_M"] // tiles["BQ"]) * max(1, tiles["BLOCK_N"] // tiles["BK"])
     fn, types = _signature(row["kernel"], row["dtype"], n_blocks > 1)
-    consts = dict(HEAD_DIM=row["head_dim"], CAUSAL=causal, DENSE=dense, UPCAST=False,
+    consts = dict(HEAD_DIM=row["head_dim"], CAUSAL=causal, DENSE=dense, UPCAST=False, CONTAIN=contain,
                   DOT_PREC="ieee" if row["dtype"] == "fp32" else "tf32", **walk_flags(tiles, n_blocks), **tiles)
     if dense:
         consts.update(P_NUM=None, P_IDX=None, P_BITS=None)

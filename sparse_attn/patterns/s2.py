@@ -36,14 +36,16 @@ block-aligned chunks for chunked prefill (decode, ``seq_q = 1``, is always align
 
 from __future__ import annotations
 
-import functools
-from typing import Optional, Tuple, Union
+import collections
+import os
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, _ceil_div, _expand
 
-__all__ = ["strided", "strided_block_mask"]
+__all__ = ["strided", "strided_block_mask", "layout_cache"]
 
 Device = Union[str, torch.device, None]
 
@@ -89,7 +91,78 @@ def stride_residue(head: int, num_heads: int, vert_stride: int, homo_head: bool,
     return (-((0 if homo_head else head) * step + head_sliding_offset)) % vert_stride
 
 
-@functools.lru_cache(maxsize=64)
+class LayoutCache:
+    """The most recently used layouts, bounded by the bytes of the device tensors they hold
+    (:attr:`BlockSparseLayout.nbytes`: the row form, the transposed form once built, the kernels'
+    cached tile plans), not by a count: one 128k-token, 32-head S2 layout with its transposed form
+    is ~580 MiB. Sizes are re-read on every insertion (a layout grows when its transposed form is
+    built), least recently used entries are dropped first, and a layout larger than the whole
+    budget is returned without being kept. Thread-safe.
+
+    The budget is ``SPARSE_ATTN_S2_CACHE_MB`` (MiB, default 1024) at import, or :attr:`max_bytes`
+    at run time; 0 disables caching.
+
+    Example::
+
+        >>> from sparse_attn.patterns.s2 import layout_cache
+        >>> layout_cache.max_bytes = 256 << 20      # keep at most 256 MiB of S2 layouts
+        >>> layout_cache.info()["entries"], layout_cache.info()["bytes"]   # doctest: +SKIP
+        (3, 12582912)
+        >>> layout_cache.cache_clear()
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: "collections.OrderedDict[Any, BlockSparseLayout]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, build: Callable[[], BlockSparseLayout]) -> BlockSparseLayout:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit
+        layout = build()  # outside the lock: builds of different keys may overlap
+        with self._lock:
+            if layout.nbytes <= self.max_bytes:
+                self._entries[key] = layout
+                self._entries.move_to_end(key)
+                self._evict()
+        return layout
+
+    def _evict(self) -> None:
+        sizes = {k: v.nbytes for k, v in self._entries.items()}
+        total = sum(sizes.values())
+        while total > self.max_bytes and self._entries:
+            k, _ = self._entries.popitem(last=False)
+            total -= sizes[k]
+
+    def cache_clear(self) -> None:
+        """Drop every cached layout (the benchmark runner calls this to time uncached builds)."""
+        with self._lock:
+            self._entries.clear()
+
+    def info(self) -> Dict[str, int]:
+        """``{"entries", "bytes", "max_bytes"}`` (bytes as of now)."""
+        with self._lock:
+            return dict(entries=len(self._entries), bytes=sum(v.nbytes for v in self._entries.values()),
+                        max_bytes=self.max_bytes)
+
+
+def _cache_budget() -> int:
+    raw = os.environ.get("SPARSE_ATTN_S2_CACHE_MB", "1024")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"SPARSE_ATTN_S2_CACHE_MB must be a number of MiB, got {raw!r}") from None
+    if not mb >= 0:
+        raise ValueError(f"SPARSE_ATTN_S2_CACHE_MB must be >= 0, got {raw!r}")
+    return int(mb * (1 << 20))
+
+
+layout_cache = LayoutCache(_cache_budget())
+
+
 def _build(num_heads, seq_q, seq_k, bs, local, stride, homo, n_dense, offset, causal, h0, h1, device):
     """(kv_num, kv_idx, q_num, q_idx) straight from the formula, never an [Mq, Mk] mask.
 
@@ -227,8 +300,11 @@ def strided(
     dev = torch.device("cpu") if device is None else torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    return _build(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, bool(homo_head),
-                  num_dense_heads, int(head_sliding_offset), causal, h0, h1, str(dev))
+    key = (num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, bool(homo_head), num_dense_heads,
+           int(head_sliding_offset), causal, h0, h1, str(dev))
+    if torch.compiler.is_compiling():  # traced into the graph: no Python-side cache for Dynamo to see
+        return _build(*key)
+    return layout_cache.get(key, lambda: _build(*key))
 
 
 def strided_block_mask(num_heads: int, seq_q: int, seq_k: Optional[int] = None, **kwargs) -> torch.Tensor:
