@@ -11,13 +11,14 @@ setup(
     name="sparse_attn",
     version="0.1.0",
     description="Block-sparse attention with autograd: Triton kernels, an exact PyTorch reference, "
-    "and the sparsity patterns of SeerAttention, S2-Attention, SEA and the Routing Transformer",
+    "and the sparsity patterns of SeerAttention and S2-Attention (SEA and the Routing Transformer are planned)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["sparse_attn", "sparse_attn.*"]) + ["sparse_attn.triton_kernels"],
     package_dir={"sparse_attn": "sparse_attn", "sparse_attn.triton_kernels": "triton_kernels"},
-    install_requires=["torch>=2.5", "triton>=3.0"],
+    # numpy: Triton's interpreter (TRITON_INTERPRET=1, the CPU path of the kernels) runs on it
+    install_requires=["torch>=2.5", "triton>=3.0", "numpy"],
     extras_require={
         "test": ["pytest>=7", "numpy"],
         "bench": ["matplotlib", "numpy"],
@@ -26,4 +27,5 @@ setup(
     },
     entry_points={"console_scripts": ["sparse-attn=sparse_attn.cli:main"]},
     license="Apache-2.0",
+    license_files=["LICENSE"],
 )

@@ -7,9 +7,10 @@
 2. Freeze it, attach fresh Seer gates and train them with :func:`sparse_attn.training.train_gates`.
 3. On held-out text, for every layer, head and query row, measure the fraction of the row's
    softmax mass that falls in the chosen blocks, at a target density of the causal triangle,
-   for selectors that each keep exactly ``ceil(d * (r + 1))`` blocks in row ``r`` (the causal
-   triangle's share), the diagonal and the first block ranked first, so every selector computes
-   the same number of blocks and the oracle is a true upper bound:
+   for selectors that all go through ``select_blocks(density=d)``: row ``r`` gets a budget of
+   ``round(d * (r + 1))`` blocks with the diagonal and the first block forced *inside* it (a row
+   whose budget is below 2 keeps just those two), so every selector computes the same blocks
+   count (the real density is reported next to the target) and the oracle is a true upper bound:
 
    * ``gate``   -- the trained gate's logits, ``select_blocks(density=d)`` (the paper's prefill
      selection: block ``r`` is chosen from its own pooled queries);
@@ -130,14 +131,9 @@ def captured_mass(model, ids: torch.Tensor, block: int, densities: List[float], 
         rnd = torch.randn(b, h, m, m, generator=gen).masked_fill(~tri, float("-inf"))
         selectors = (("gate", gate_logits), ("gate_causal", _previous_block_scores(gate_logits)),
                      ("oracle", oracle), ("local", local), ("random", rnd))
-        diag_first = torch.eye(m, dtype=torch.bool)
-        sink_next = torch.zeros(m, m, dtype=torch.bool)
-        sink_next[1:, 0] = True
         for name, scores in selectors:
-            # forced blocks inside the per-row budget: diagonal first, then the first block
-            scores = scores.float().masked_fill(sink_next, 1e30).masked_fill(diag_first, 2e30)
-            for dd in densities:
-                lay = select_blocks(scores, density=dd, keep_first=0, keep_last=0, block_size=block,
+            for dd in densities:  # sink and diagonal forced, inside the per-row budget
+                lay = select_blocks(scores.float(), density=dd, keep_first=1, keep_last=1, block_size=block,
                                     seq_q=s, seq_k=s)
                 keep = lay.to_block_mask().expand(b, h, m, m)  # [B, H, M, M]
                 got = (block_mass * keep[:, :, :, None, :]).sum(-1)  # [B, H, M, block]

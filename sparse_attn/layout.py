@@ -224,7 +224,8 @@ class BlockSparseLayout:
         """Layout from a boolean block mask ``[Bl, Hl, Mq, Mk]`` (True = computed).
 
         ``seq_q``/``seq_k`` default to ``Mq * bq`` and ``Mk * bk``; give them when the
-        sequences end inside the last block. No host synchronisation.
+        sequences end inside the last block. No host synchronisation for a bool mask (an
+        integer mask is read back once to check it holds only 0 and 1).
         """
         if not isinstance(block_mask, torch.Tensor):
             raise TypeError(f"block_mask must be a torch.Tensor, got {type(block_mask).__name__}")
@@ -233,6 +234,10 @@ class BlockSparseLayout:
         if block_mask.dtype != torch.bool:
             if block_mask.dtype.is_floating_point or block_mask.dtype.is_complex:
                 raise TypeError(f"block_mask must be bool (or integer 0/1), got {block_mask.dtype}")
+            # an integer mask is checked (a host read; a bool mask avoids it): 2 is not a truth value
+            if bool(((block_mask != 0) & (block_mask != 1)).any()):
+                raise ValueError("an integer block_mask must hold only 0 and 1 (pass a bool mask for other "
+                                 "encodings, e.g. mask != 0)")
             block_mask = block_mask != 0
         bq, bk = _parse_block_size(block_size)
         mq, mk = block_mask.shape[2], block_mask.shape[3]
@@ -352,6 +357,71 @@ class BlockSparseLayout:
             _validate_rows(q_num, q_idx, self.num_query_blocks)
             if not torch.equal(_expand(q_num, q_idx, self.num_query_blocks).transpose(-1, -2), self.to_block_mask()):
                 raise ValueError("the layout's row form and transposed form describe different masks")
+
+    # -- composition and a quick look -----------------------------------------------------------
+    def _combine(self, other: "BlockSparseLayout", op: str) -> "BlockSparseLayout":
+        if not isinstance(other, BlockSparseLayout):
+            return NotImplemented
+        for name in ("block_size", "seq_q", "seq_k", "device"):
+            if getattr(self, name) != getattr(other, name):
+                raise ValueError(f"layouts combined with {op} must have the same {name}: "
+                                 f"{getattr(self, name)} vs {getattr(other, name)}")
+        a, b = self.to_block_mask(), other.to_block_mask()
+        try:
+            torch.broadcast_shapes(a.shape, b.shape)
+        except RuntimeError:
+            raise ValueError(f"layouts combined with {op} must have broadcastable shapes (Bl, Hl 1 or equal), "
+                             f"got {self.shape} and {other.shape}") from None
+        return BlockSparseLayout.from_block_mask(a & b if op == "&" else a | b, self.block_size, self.seq_q,
+                                                 self.seq_k)
+
+    def __and__(self, other: "BlockSparseLayout") -> "BlockSparseLayout":
+        """The blocks both layouts keep (same block size, lengths and device; ``Bl``/``Hl`` broadcast)."""
+        return self._combine(other, "&")
+
+    def __or__(self, other: "BlockSparseLayout") -> "BlockSparseLayout":
+        """The blocks either layout keeps (same block size, lengths and device; ``Bl``/``Hl`` broadcast)."""
+        return self._combine(other, "|")
+
+    def to_string(self, max_blocks: int = 48, limit: int = 4) -> str:
+        """A text picture of the first ``limit`` (batch, head) block masks, one character per block
+        (``#`` kept, ``.`` not), or per group of blocks when a side has more than ``max_blocks``
+        (``#`` all kept, ``+`` some, ``.`` none). Reads the layout back to the host.
+
+        Example::
+
+            >>> print(BlockSparseLayout.from_block_mask(torch.ones(1, 1, 3, 3).tril().bool(), 16).to_string())
+            BlockSparseLayout(shape=(1, 1, 3, 3), block_size=(16, 16), seq_q=48, seq_k=48, density=0.667)
+            [b=0, h=0]
+            #..
+            ##.
+            ###
+        """
+        if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
+            raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
+        mask = self.to_block_mask().cpu()
+        bl, hl, mq, mk = mask.shape
+        gq, gk = _ceil_div(mq, max_blocks), _ceil_div(mk, max_blocks)
+        lines = [f"{type(self).__name__}(shape={self.shape}, block_size={self.block_size}, seq_q={self.seq_q}, "
+                 f"seq_k={self.seq_k}, density={self.density:.3f})"]
+        shown = 0
+        for b in range(bl):
+            for h in range(hl):
+                if shown == limit:
+                    lines.append(f"... {bl * hl - limit} more")
+                    return "\n".join(lines)
+                shown += 1
+                m = mask[b, h].to(torch.int32)
+                pad = (0, _ceil_div(mk, gk) * gk - mk, 0, _ceil_div(mq, gq) * gq - mq)
+                cells = torch.nn.functional.pad(m, pad).view(_ceil_div(mq, gq), gq, _ceil_div(mk, gk), gk)
+                kept = cells.sum((1, 3))
+                real = torch.nn.functional.pad(torch.ones_like(m), pad).view_as(cells).sum((1, 3))
+                chars = {0: "."}
+                lines.append(f"[b={b}, h={h}]" + (f" ({gq}x{gk} blocks per character)" if gq * gk > 1 else ""))
+                for r in range(kept.shape[0]):
+                    lines.append("".join(chars.get(int(n), "#" if int(n) == int(t) else "+")
+                                         for n, t in zip(kept[r], real[r])))
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (

@@ -66,8 +66,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and _HAS_TRITON else "reference"
     if backend == "cuda":
         # The name is reserved for the CUDA C++ kernels (csrc/), which are not part of this release.
-        raise RuntimeError("backend='cuda': the CUDA C++ kernels are not built in this release; "
-                           "use backend='triton' or backend='auto'")
+        instead = ("backend='auto' or 'triton'" if device.type == "cuda" else
+                   "backend='reference' (or 'triton' with TRITON_INTERPRET=1 set before importing triton)")
+        raise ValueError(f"backend='cuda': the CUDA C++ kernels are not built in this release; use {instead}")
     if backend == "triton":
         if not _HAS_TRITON:
             raise RuntimeError("backend='triton' needs the `triton` package, which is not importable")
@@ -205,7 +206,7 @@ def _check_tensors(q, k, v, backend: str) -> None:
         raise ValueError(f"k/v head dim {k.shape[3]} does not match q's {d}")
     hkv = k.shape[1]
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}){_layout_hint(q, k)}")
     if d == 0:
         raise ValueError("head dim D must be positive")
     if backend in ("triton", "cuda") and d > _MAX_KERNEL_HEAD_DIM:
@@ -213,6 +214,15 @@ def _check_tensors(q, k, v, backend: str) -> None:
             f"head dim D={d} is not supported by backend={backend!r} (at most {_MAX_KERNEL_HEAD_DIM}); "
             "use backend='reference'"
         )
+
+
+def _layout_hint(q: Tensor, k: Tensor) -> str:
+    """A hint when q/k look like ``[B, S, H, D]`` (the flash-attn layout) rather than ``[B, H, S, D]``."""
+    sq, hq, sk, hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    if hkv and hq % hkv == 0 and (sq, sk) != (hq, hkv):
+        return (f"; if q/k are [B, S, H, D] (S={sq}, H={hq}), pass q.transpose(1, 2) etc.: "
+                "sparse_attention takes [B, H, S, D]")
+    return ""
 
 
 def _check_layout(layout, q: Tensor, k: Tensor) -> None:
@@ -225,8 +235,9 @@ def _check_layout(layout, q: Tensor, k: Tensor) -> None:
     if layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
     if (layout.seq_q, layout.seq_k) != (sq, sk):
+        hint = _layout_hint(q, k) if (q.shape[1], k.shape[1]) == (layout.seq_q, layout.seq_k) else ""
         raise ValueError(
-            f"layout was built for seq_q={layout.seq_q}, seq_k={layout.seq_k} but q/k have Sq={sq}, Sk={sk}"
+            f"layout was built for seq_q={layout.seq_q}, seq_k={layout.seq_k} but q/k have Sq={sq}, Sk={sk}{hint}"
         )
     if mq != _ceil_div(sq, bq) or mk != _ceil_div(sk, bk):
         raise ValueError(f"layout has {mq}x{mk} blocks; Sq={sq}, Sk={sk} with blocks {bq}x{bk} need "

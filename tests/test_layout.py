@@ -87,7 +87,7 @@ def test_round_trip_non_contiguous_masks():
 def test_integer_mask_is_accepted_as_boolean(dtype):
     g = torch.Generator().manual_seed(3)
     mask = random_block_mask(1, 2, 4, 6, 0.5, g)
-    as_int = mask.to(dtype) * 3  # any non-zero counts as kept
+    as_int = mask.to(dtype)  # 0/1 integers (other values are refused: test_integer_block_mask_must_be_zero_one)
     layout = BlockSparseLayout.from_block_mask(as_int, 16)
     assert torch.equal(layout.to_block_mask(), mask)
 
@@ -519,3 +519,44 @@ def test_numpy_integer_sizes_are_accepted():
     layout = BlockSparseLayout.dense(np.int64(40), np.int32(20), block_size=(np.int64(16), 32))
     assert (layout.seq_q, layout.seq_k, layout.block_size) == (40, 20, (16, 32))
     assert BlockSparseLayout.dense(0, 10, 16).shape == (1, 1, 0, 1)
+
+
+def test_integer_block_mask_must_be_zero_one():
+    ones = torch.tensor([[[[1, 0], [1, 1]]]], dtype=torch.int64)
+    assert torch.equal(BlockSparseLayout.from_block_mask(ones, 16).to_block_mask(), ones.bool())
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            BlockSparseLayout.from_block_mask(ones * bad, 16)
+
+
+def test_layouts_compose_with_and_or():
+    gen = torch.Generator().manual_seed(3)
+    a_mask = torch.rand(2, 1, 5, 4, generator=gen) < 0.5  # Bl=2, Hl=1
+    b_mask = torch.rand(1, 3, 5, 4, generator=gen) < 0.5  # Bl=1, Hl=3: broadcasts to (2, 3)
+    a = BlockSparseLayout.from_block_mask(a_mask, (32, 16), 150, 60)
+    b = BlockSparseLayout.from_block_mask(b_mask, (32, 16), 150, 60)
+    assert torch.equal((a & b).to_block_mask(), a_mask & b_mask)
+    assert torch.equal((a | b).to_block_mask(), a_mask | b_mask)
+    assert (a | b).shape == (2, 3, 5, 4) and ((a & b).seq_q, (a & b).seq_k) == (150, 60)
+    for other, what in ((BlockSparseLayout.from_block_mask(b_mask, 32, 150, 120), "block_size"),
+                        (BlockSparseLayout.from_block_mask(b_mask, (32, 16), 140, 60), "seq_q"),
+                        (BlockSparseLayout.from_block_mask(torch.ones(3, 1, 5, 4, dtype=torch.bool), (32, 16), 150,
+                                                           60), "broadcastable")):
+        with pytest.raises(ValueError, match=what):
+            a & other
+    with pytest.raises(TypeError):
+        a | a_mask
+
+
+def test_to_string_draws_the_mask():
+    mask = torch.zeros(1, 2, 3, 4, dtype=torch.bool)
+    mask[0, 0, 0, 0] = mask[0, 0, 2, 1:] = mask[0, 1, 1, 3] = True
+    text = BlockSparseLayout.from_block_mask(mask, 16).to_string()
+    assert text.splitlines()[1:] == ["[b=0, h=0]", "#...", "....", ".###", "[b=0, h=1]", "....", "...#", "...."]
+    assert "density=0.208" in text.splitlines()[0]  # 5 of 24 blocks
+    big = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    big[0, 0, :2, :2] = True  # a full 2x2 group
+    big[0, 0, 7, 7] = True  # one of four
+    lines = BlockSparseLayout.from_block_mask(big, 16).to_string(max_blocks=4).splitlines()
+    assert lines[1] == "[b=0, h=0] (2x2 blocks per character)" and lines[2:] == ["#...", "....", "....", "...+"]
+    assert BlockSparseLayout.from_block_mask(mask, 16).to_string(limit=1).splitlines()[-1] == "... 1 more"

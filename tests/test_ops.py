@@ -85,8 +85,25 @@ def test_head_dim_limit_of_kernels():
 
 def test_cuda_backend_not_built_is_clear():
     q, k, v = _qkv()
-    with pytest.raises((RuntimeError, ValueError), match="backend='cuda'"):
+    # a ValueError (bad input, as the README promises) whose advice works on this device
+    advice = "'auto' or 'triton'" if q.is_cuda else "backend='reference'"
+    with pytest.raises(ValueError, match=f"backend='cuda'.*{advice}"):
         sparse_attention(q, k, v, backend="cuda")
+
+
+def test_bshd_inputs_get_a_hint():
+    """[B, S, H, D] tensors (flash-attn's layout) are named in the error where the shapes show it."""
+    q = torch.randn(1, 64, 8, 32, device=DEVICE)  # [B, S=64, Hq=8, D]
+    kv48 = torch.randn(1, 48, 2, 32, device=DEVICE)  # [B, S=48, Hkv=2, D]: read as 64 heads over 48
+    with pytest.raises(ValueError, match=r"\[B, S, H, D\]"):
+        sparse_attention(q, kv48, kv48)
+    kv = torch.randn(1, 64, 2, 32, device=DEVICE)  # heads 64 / 64 pass; the layout's lengths do not
+    with pytest.raises(ValueError, match=r"\[B, S, H, D\]"):
+        sparse_attention(q, kv, kv, BlockSparseLayout.dense(64, 64, 16, device=DEVICE))
+    with pytest.raises(ValueError) as info:  # a plain length mismatch gets no hint
+        sparse_attention(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2),
+                         BlockSparseLayout.dense(32, 32, 16, device=DEVICE))
+    assert "[B, S, H, D]" not in str(info.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
