@@ -17,7 +17,8 @@
 #
 # Results (JSON/CSV/markdown/PNG) and the log go to $OUT if set, else bench/results/. The benchmark
 # writes its files after every case and again on SIGTERM, so a step cut by its timeout still leaves
-# its results. Exit status: non-zero if any step failed or timed out (124).
+# its results. Exit status: non-zero if any step failed or timed out (124); 3 without a CUDA GPU
+# (checked first: nothing runs).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -32,6 +33,13 @@ TILES_TIMEOUT="${TILES_TIMEOUT:-60}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
 QUICK_TIMEOUT="${QUICK_TIMEOUT:-200}"
 S2_TIMEOUT="${S2_TIMEOUT:-100}"
+
+# Nothing here means anything without a CUDA GPU: say so and stop before running anything.
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "gpu_check: no CUDA GPU visible to $PY (torch.cuda.is_available() is false); nothing run." >&2
+    echo "gpu_check: on a CPU machine run the CPU tier instead: bash scripts/test.sh" >&2
+    exit 3
+fi
 mkdir -p "$OUT_DIR"
 
 GPU_NAME="$(nvidia-smi -i 0 --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"

@@ -5,6 +5,7 @@ Subcommands::
     sparse-attn bench [...]          kernel microbenchmarks (same flags as ``bench/run.py``)
     sparse-attn train-gates [...]    train SeerAttention gates on a frozen model
     sparse-attn demo [...]           the README demo
+    sparse-attn --version            the installed version
 
 Each subcommand imports only what it needs, so ``sparse-attn bench --help`` works without
 transformers installed.
@@ -24,7 +25,7 @@ _COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: sparse-attn <command> [args...]", "", "commands:"]
+    lines = ["usage: sparse-attn [--version] <command> [args...]", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in _COMMANDS.items()]
     return "\n".join(lines)
 
@@ -33,6 +34,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"sparse-attn {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in _COMMANDS:

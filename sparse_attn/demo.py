@@ -49,7 +49,7 @@ def _time(fn, device: torch.device, reps: int) -> float:
 
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="sparse-attn demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--seq", type=int, default=8192 if cuda else 1000)
     p.add_argument("--heads", type=int, default=16 if cuda else 4)
     p.add_argument("--kv-heads", type=int, default=4 if cuda else 2)
@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--hf-seq", type=int, default=32768, help="prompt length for --model (default 32768)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face part")
     args = p.parse_args(argv)
+    if args.model and args.no_hf:
+        p.error("--model runs in the Hugging Face part, which --no-hf skips: drop one of them")
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

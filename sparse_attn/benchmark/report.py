@@ -375,9 +375,27 @@ def write_plots(out_dir: str, stem: str, rows: List[Dict[str, Any]], meta: Dict[
     return paths, "wrote " + ", ".join(paths)
 
 
+_SKIPS_SAID: set = set()  # (kernel, reason) of skipped rows already explained in this process
+
+
 def print_rows(rows: List[Dict[str, Any]], tag: str) -> None:
-    """One progress line per row on stdout."""
+    """One progress line per row on stdout; a kernel's passes skipped for one reason share a line,
+    and a reason already given (e.g. "needs TRITON_INTERPRET" on every case) is not repeated."""
+    done = set()
     for r in rows:
+        if r.get("status") == "skipped":
+            reason = str(r.get("error"))
+            if (r["kernel"], reason) in done:
+                continue
+            done.add((r["kernel"], reason))
+            passes = "/".join(x["pass"] for x in rows if x["kernel"] == r["kernel"] and x.get("error") == reason
+                              and x.get("status") == "skipped")
+            said = (r["kernel"], reason) in _SKIPS_SAID
+            _SKIPS_SAID.add((r["kernel"], reason))
+            text = "skipped (reason above)" if said else (reason if reason.startswith("skipped") else
+                                                         f"skipped: {reason}")
+            print(f"[{tag}] {r['kernel']:>14} {passes:>7}: {text}", flush=True)
+            continue
         if r.get("status") == "ok":
             status = f"{r['ms']:.3f} ms  {_fmt(r.get('tflops'), 1)} TFLOP/s"
             if r.get("check"):
