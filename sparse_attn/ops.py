@@ -25,7 +25,7 @@ __all__ = ["sparse_attention", "BACKENDS", "available_backends"]
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_KERNEL_HEAD_DIM = 256
+MAX_KERNEL_HEAD_DIM = 256  # the kernels' largest head dim
 # Largest |scale| accepted: log2(e) * scale must stay far inside fp32 so that scores of ordinary
 # size (|q.k| up to ~1e8) cannot overflow; 3e38 used to pass the finiteness check and give NaN.
 _MAX_SCALE = 1e30
@@ -183,8 +183,14 @@ _sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-def _check_tensors(q, k, v, backend: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_qkv(q, k, v, backend: str) -> None:
+    """The input checks shared by every entry point that takes ``q [B, Hq, Sq, D]`` and
+    ``k`` (and ``v``, or None) ``[B, Hkv, Sk, D]``: tensor types, 4-D shapes, the dtypes the
+    resolved ``backend`` runs (fp64 only on the reference), one device, matching batch and head
+    dim, ``Hq % Hkv == 0`` and the kernels' head-dim limit. Raises TypeError/ValueError naming
+    the argument."""
+    kv = "k" if v is None else "k/v"
+    for name, t in (("q", q), ("k", k)) + ((("v", v),) if v is not None else ()):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -193,25 +199,27 @@ def _check_tensors(q, k, v, backend: str) -> None:
     if q.dtype not in allowed:
         raise TypeError(f"q must have dtype in {allowed} for backend={backend!r}, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
+        if t is None:
+            continue
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     b, hq, _, d = q.shape
-    if k.shape != v.shape:
+    if v is not None and k.shape != v.shape:
         raise ValueError(f"k and v must have one shape [B, Hkv, Sk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != b:
-        raise ValueError(f"k/v batch size {k.shape[0]} does not match q's {b}")
+        raise ValueError(f"{kv} batch size {k.shape[0]} does not match q's {b}")
     if k.shape[3] != d:
-        raise ValueError(f"k/v head dim {k.shape[3]} does not match q's {d}")
-    hkv = k.shape[1]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}){_layout_hint(q, k)}")
+        raise ValueError(f"{kv} head dim {k.shape[3]} does not match q's {d}")
     if d == 0:
         raise ValueError("head dim D must be positive")
-    if backend in ("triton", "cuda") and d > _MAX_KERNEL_HEAD_DIM:
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of {kv} heads ({hkv}){_layout_hint(q, k)}")
+    if backend in ("triton", "cuda") and d > MAX_KERNEL_HEAD_DIM:
         raise ValueError(
-            f"head dim D={d} is not supported by backend={backend!r} (at most {_MAX_KERNEL_HEAD_DIM}); "
+            f"head dim D={d} is not supported by backend={backend!r} (at most {MAX_KERNEL_HEAD_DIM}); "
             "use backend='reference'"
         )
 
@@ -299,7 +307,7 @@ def sparse_attention(
     if not isinstance(q, Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     resolved = _resolve_backend(backend, q.device)
-    _check_tensors(q, k, v, resolved)
+    check_qkv(q, k, v, resolved)
     if layout is not None:
         _check_layout(layout, q, k)
         if _CHECK_LAYOUTS:

@@ -264,7 +264,7 @@ BAD = [
     (dict(scale=float("nan")), ValueError, "scale"),
     (dict(reduce_gqa="mean"), ValueError, "reduce_gqa"),
     (dict(return_output=True), ValueError, "needs v"),
-    (dict(return_output=True, v=torch.zeros(1, 2, 9, 4)), ValueError, "v must have k's shape"),
+    (dict(return_output=True, v=torch.zeros(1, 2, 9, 4)), ValueError, "k and v must have one shape"),
     (dict(v=torch.zeros(1, 2, 8, 4)), ValueError, "v is only used"),
     (dict(return_output="yes"), TypeError, "return_output"),
     (dict(backend="cuda"), ValueError, "backend"),

@@ -99,6 +99,7 @@ def _block_map_kernel(
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, b_q, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d, 0,
                 seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, 0, 1, 1, 1, 1, UPCAST, DOT_PREC,
+                False,  # CONTAIN: the distillation target makes no non-finite containment promise
             )
         b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw nothing: 0
         p_o = O + i_b.to(tl.int64) * stride_ob + (i_h0 + o_g).to(tl.int64) * stride_oh + offs_m * stride_om

@@ -23,11 +23,10 @@ import torch
 from torch import Tensor
 
 from ..layout import SUPPORTED_BLOCK_SIZES, _ceil_div
-from ..ops import _MAX_KERNEL_HEAD_DIM, _resolve_backend
+from ..ops import _resolve_backend, check_qkv
 
 __all__ = ["attention_block_map", "block_map_reference"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("auto", "triton", "reference")
 _REDUCTIONS = (None, "max")
 # Elements of the [B, Hq, chunk, Sk] probability tile the reference keeps at once.
@@ -132,46 +131,13 @@ def block_map_reference(
 # Validation
 # --------------------------------------------------------------------------------------------
 def _check_inputs(q, k, v, block_size, causal, scale, pool_queries, reduce_gqa, return_output, backend):
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
-    allowed = _DTYPES + ((torch.float64,) if backend == "reference" else ())
-    if q.dtype not in allowed:
-        raise TypeError(f"q must have dtype in {allowed} for backend={backend!r}, got {q.dtype}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"k is on {k.device} but q is on {q.device}")
-    b, hq, _, d = q.shape
-    if k.shape[0] != b:
-        raise ValueError(f"k batch size {k.shape[0]} does not match q's {b}")
-    if k.shape[3] != d:
-        raise ValueError(f"k head dim {k.shape[3]} does not match q's {d}")
-    if d == 0:
-        raise ValueError("head dim D must be positive")
-    hkv = k.shape[1]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k heads ({hkv})")
-    if backend == "triton" and d > _MAX_KERNEL_HEAD_DIM:
-        raise ValueError(f"head dim D={d} is not supported by backend='triton' (at most {_MAX_KERNEL_HEAD_DIM}); "
-                         "use backend='reference'")
     if not isinstance(return_output, bool):
         raise TypeError(f"return_output must be a bool, got {type(return_output).__name__}")
-    if return_output:
-        if v is None:
-            raise ValueError("return_output=True needs v (the values, shaped like k)")
-        if not isinstance(v, Tensor):
-            raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
-        if v.shape != k.shape:
-            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-        if v.dtype != q.dtype:
-            raise TypeError(f"v must have q's dtype {q.dtype}, got {v.dtype}")
-        if v.device != q.device:
-            raise ValueError(f"v is on {v.device} but q is on {q.device}")
-    elif v is not None:
+    if return_output and v is None:
+        raise ValueError("return_output=True needs v (the values, shaped like k)")
+    if v is not None and not return_output:
         raise ValueError("v is only used with return_output=True; pass return_output=True or drop v")
+    check_qkv(q, k, v, backend)
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {block_size!r}")
     if block_size not in SUPPORTED_BLOCK_SIZES:
