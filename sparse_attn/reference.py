@@ -42,6 +42,18 @@ def _chunk_rows(b: int, hq: int, sq: int, sk: int, chunk_size: Optional[int]) ->
     return max(1, min(sq, _CHUNK_ELEMENTS // max(1, b * hq * sk)))
 
 
+def block_rows(block_mask: torch.Tensor, block_size: Tuple[int, int], rows: torch.Tensor, sk: int,
+               hq: int) -> torch.Tensor:
+    """Boolean ``[Bl, Hq|1, C, Sk]``: which keys the query ``rows`` (``[C]``) may see according to
+    the block mask ``[Bl, Hl, Mq, Mk]`` alone (a shared ``Hl = 1`` stays 1; ``Hl = Hkv`` is spread
+    over the query heads of each group). The one block-to-element expansion of the package."""
+    bq, bk = block_size
+    cols = torch.arange(sk, device=rows.device)
+    m = block_mask[:, :, rows // bq][:, :, :, cols // bk]  # [Bl, Hl, C, Sk]
+    hl = m.shape[1]
+    return m if hl in (1, hq) else m.repeat_interleave(hq // hl, dim=1)
+
+
 def _allowed(
     block_mask: Optional[torch.Tensor],
     block_size: Tuple[int, int],
@@ -53,14 +65,7 @@ def _allowed(
 ) -> Optional[torch.Tensor]:
     """Boolean ``[Bl|1, Hq|1, C, Sk]`` mask of what the query ``rows`` may see (None = all)."""
     cols = torch.arange(sk, device=rows.device)
-    allowed = None
-    if block_mask is not None:
-        bq, bk = block_size
-        m = block_mask[:, :, rows // bq][:, :, :, cols // bk]  # [Bl, Hl, C, Sk]
-        hl = m.shape[1]
-        if hl not in (1, hq):
-            m = m.repeat_interleave(hq // hl, dim=1)
-        allowed = m
+    allowed = None if block_mask is None else block_rows(block_mask, block_size, rows, sk, hq)
     if causal:
         c = (cols[None, :] <= rows[:, None] + (sk - sq))[None, None]  # [1, 1, C, Sk]
         allowed = c if allowed is None else allowed & c

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..layout import BlockSparseLayout
 from ..ops import sparse_attention
-from ..reference import _expand_kv
+from ..reference import _expand_kv, block_rows
 from .patterns import AttentionPattern
 
 __all__ = ["pattern_attention", "masked_attention", "left_padding"]
@@ -95,16 +95,11 @@ def masked_attention(
         return torch.where(_visible(attn_mask).any(-1, keepdim=True), out, out.new_zeros(()))
 
     block_mask = layout.to_block_mask()  # [Bl, Hl, Mq, Mk]
-    hl = block_mask.shape[1]
-    bq, bk = layout.block_size
-    cols = torch.arange(sk, device=q.device) // bk
     step = max(1, min(sq, _MASK_CHUNK_ELEMENTS // max(1, b * hq * sk)))
     outs = []
     for i0 in range(0, sq, step):
         rows = torch.arange(i0, min(i0 + step, sq), device=q.device)
-        elem = block_mask[:, :, rows // bq][:, :, :, cols]  # [Bl, Hl, C, Sk]
-        if hl not in (1, hq):
-            elem = elem.repeat_interleave(hq // hl, dim=1)
+        elem = block_rows(block_mask, layout.block_size, rows, sk, hq)  # [Bl, Hq|1, C, Sk]
         if layout_applies is not None:
             elem = elem | ~layout_applies.view(-1, 1, 1, 1)
         m = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[:, :, i0 : i0 + step]
