@@ -21,6 +21,7 @@ __all__ = [
     "assert_no_nan",
     "assert_rows_within",
     "run_fwd_bwd",
+    "s2_rule_mask",
 ]
 
 # Per-dtype tolerances for outputs / lse and for gradients, when comparing a result
@@ -192,3 +193,44 @@ def run_fwd_bwd(fn, q, k, v, do, dlse):
     loss = (out.float() * do.float()).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
     loss.backward()
     return out, lse, q.grad, k.grad, v.grad
+
+
+def s2_rule_mask(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, *, num_kv_heads=None,
+                 homo_head=False, num_dense_heads=0, head_sliding_offset=0, kv_start_position=0,
+                 vert_position_type=None, causal=True, heads=None):
+    """The S2-Attention rule as DKernel defines it (``get_sparse_attn_mask``), one (head, query
+    block, key block) at a time: bool ``[1, Hp, Mq, Mk]`` for pattern heads ``heads`` (default all
+    of them; pattern heads are the KV heads when ``num_kv_heads`` is given, else the query heads,
+    and the head step is ``max(1, vert_stride // num_heads)`` with ``num_heads`` the query heads).
+    Queries are the last ``seq_q`` keys, a query block placed by its first token. The one S2 oracle
+    of the test-suite."""
+    bs = block_size
+    mq, mk = -(-seq_q // bs), -(-seq_k // bs)
+    n_pattern = num_kv_heads or num_heads
+    heads = range(n_pattern) if heads is None else range(*heads)
+    if vert_position_type is None:
+        vert_position_type = "absolute" if causal else "relative"
+    if causal:
+        left, right = local_blocks, 1
+    elif isinstance(local_blocks, int):
+        left = right = local_blocks
+    else:
+        left, right = local_blocks
+    step = max(1, vert_stride // num_heads)  # query heads, whatever the pattern is defined over
+    kv0 = kv_start_position // bs
+    out = torch.zeros(1, len(heads), mq, mk, dtype=torch.bool)
+    for a, h in enumerate(heads):
+        shift = 0 if homo_head else h * step
+        for r in range(mq):
+            q = kv0 + (seq_k - seq_q + r * bs) // bs  # absolute block of the row's first query token
+            for c in range(mk):
+                k = kv0 + c
+                if h >= n_pattern - num_dense_heads:
+                    keep = True
+                elif vert_position_type == "relative":
+                    keep = (max(0, q - k - left + 1) + max(0, k - q - right + 1)) % vert_stride == 0
+                else:
+                    local = q - k < left and k - q < right
+                    keep = local or (k + shift + head_sliding_offset) % vert_stride == 0
+                out[0, a, r, c] = keep and (q >= k or not causal)
+    return out

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from helpers import s2_rule_mask  # noqa: E402
 from sparse_attn.modules.functional import left_padding  # noqa: E402
 from sparse_attn.integrations.transformers import (  # noqa: E402
     ATTN_NAME,
@@ -116,14 +117,9 @@ def test_s2_dense_equivalent_is_identical(base):
 
 
 def _s2_element_mask(s, bs, local, stride, hkv, hq):
-    """[1, Hq, S, S] element mask of S2 over KV heads, by loops (causal included)."""
-    m = -(-s // bs)
-    step = max(1, stride // hkv)
-    keep = torch.zeros(hkv, m, m, dtype=torch.bool)
-    for h in range(hkv):
-        for i in range(m):
-            for c in range(i + 1):
-                keep[h, i, c] = (i - c < local) or ((c + h * step) % stride == 0)
+    """[1, Hq, S, S] element mask of S2 over KV heads (DKernel's rule: the head step from the Hq
+    query heads), causal included."""
+    keep = s2_rule_mask(hq, s, s, bs, local, stride, num_kv_heads=hkv)[0]  # [Hkv, M, M]
     e = keep.repeat_interleave(bs, 1)[:, :s].repeat_interleave(bs, 2)[:, :, :s]
     e = e & torch.ones(s, s, dtype=torch.bool).tril()
     return e.repeat_interleave(hq // hkv, 0)[None]

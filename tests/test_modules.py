@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import element_mask, naive_attention
+from helpers import element_mask, naive_attention, s2_rule_mask
 from torch import nn
 
 from sparse_attn import BlockSparseLayout, sparse_attention
@@ -68,15 +68,11 @@ def _plain_attention(attn: SparseAttention, x, elem=None):
     return out.transpose(1, 2).reshape(b, s, h * d) @ attn.o_proj.weight.T
 
 
-def _s2_keep(num_heads, m, local, stride):
-    """S2's block rule by loops (causal, Sq == Sk, no dense heads, offset 0): bool [H, M, M]."""
-    step = max(1, stride // num_heads)
-    keep = torch.zeros(num_heads, m, m, dtype=torch.bool)
-    for h in range(num_heads):
-        for i in range(m):
-            for c in range(i + 1):
-                keep[h, i, c] = (i - c < local) or ((c + h * step) % stride == 0)
-    return keep
+def _s2_keep(num_heads, m, local, stride, num_query_heads=None):
+    """S2's block rule (causal, Sq == Sk, no dense heads, offset 0): bool [H, M, M] over
+    ``num_heads`` pattern heads, the head step from the ``num_query_heads`` (DKernel's GQA rule)."""
+    nq = num_query_heads or num_heads
+    return s2_rule_mask(nq, m, m, 1, local, stride, num_kv_heads=num_heads if nq != num_heads else None)[0]
 
 
 def _expand_blocks(block, bs, s, hq):
@@ -103,7 +99,7 @@ def test_s2_matches_plain_pytorch_with_the_rule_by_loops():
     attn = SparseAttention(64, 8, 2, pattern="s2",
                            pattern_options=dict(block_size=bs, local_blocks=local, vert_stride=stride))
     x = torch.randn(2, s, 64)
-    keep = _s2_keep(2, -(-s // bs), local, stride)  # layout over the 2 KV heads
+    keep = _s2_keep(2, -(-s // bs), local, stride, num_query_heads=8)  # layout over the 2 KV heads
     elem = _expand_blocks(keep, bs, s, 8)
     out = attn(x)
     torch.testing.assert_close(out, _plain_attention(attn, x, elem), atol=2e-5, rtol=2e-5)

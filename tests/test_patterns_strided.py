@@ -5,30 +5,16 @@ import itertools
 import pytest
 import torch
 
-from helpers import make_qkv
+from helpers import make_qkv, s2_rule_mask
 from sparse_attn import BlockSparseLayout, reference_attention, sparse_attention
 from sparse_attn.patterns import strided, strided_block_mask
 
 
-def rule_mask(H, sq, sk, bs, L, st, homo=False, nd=0, off=0, causal=True, heads=None):
-    """The issue's rule, one (head, row, column) at a time."""
-    mq, mk = -(-sq // bs), -(-sk // bs)
-    heads = range(H) if heads is None else range(*heads)
-    step = max(1, st // H)
-    m = torch.zeros(1, len(heads), mq, mk, dtype=torch.bool)
-    for a, h in enumerate(heads):
-        he = 0 if homo else h
-        for r in range(mq):
-            i = (sk - sq + r * bs) // bs  # block of the row's first query token
-            for c in range(mk):
-                if h >= H - nd:
-                    keep = c <= i if causal else True
-                elif causal:
-                    keep = c <= i and (i - c < L or (c + he * step + off) % st == 0)
-                else:
-                    keep = abs(i - c) < L or (c + he * step + off) % st == 0
-                m[0, a, r, c] = keep
-    return m
+def rule_mask(H, sq, sk, bs, L, st, homo=False, nd=0, off=0, causal=True, heads=None, vpt=None):
+    """The rule (``helpers.s2_rule_mask``) in this file's short argument names; ``H`` heads, the
+    step from ``H`` (symmetric window when not causal; ``vpt``: vert_position_type)."""
+    return s2_rule_mask(H, sq, sk, bs, L, st, homo_head=homo, num_dense_heads=nd, head_sliding_offset=off,
+                        causal=causal, heads=heads, vert_position_type=vpt)
 
 
 def check_both_forms(layout, expected):
@@ -52,19 +38,20 @@ GRID = list(itertools.product(
     [1, 3, 4],         # stride
     [(False, 0), (True, 0), (False, 1)],  # homo, dense heads
     [0, 1],            # head_sliding_offset
-    [True, False],     # causal
+    [(True, None), (False, None), (False, "absolute"), (True, "relative")],  # causal, vert_position_type
 ))
 
 
-@pytest.mark.parametrize("H,seqs,bs,L,st,homo_nd,off,causal", GRID[::7] + GRID[3::11])
-def test_formula_matches_rule(H, seqs, bs, L, st, homo_nd, off, causal):
+@pytest.mark.parametrize("H,seqs,bs,L,st,homo_nd,off,mode", GRID[::13] + GRID[3::23])
+def test_formula_matches_rule(H, seqs, bs, L, st, homo_nd, off, mode):
     sq, sk = seqs
     homo, nd = homo_nd
+    causal, vpt = mode
     layout = strided(H, sq, sk, block_size=bs, local_blocks=L, vert_stride=st, homo_head=homo,
-                     num_dense_heads=nd, head_sliding_offset=off, causal=causal)
+                     num_dense_heads=nd, head_sliding_offset=off, causal=causal, vert_position_type=vpt)
     assert layout.shape == (1, H, -(-sq // bs), -(-sk // bs))
     assert (layout.seq_q, layout.seq_k, layout.block_size) == (sq, sk, (bs, bs))
-    check_both_forms(layout, rule_mask(H, sq, sk, bs, L, st, homo, nd, off, causal))
+    check_both_forms(layout, rule_mask(H, sq, sk, bs, L, st, homo, nd, off, causal, vpt=vpt))
 
 
 def test_issue_example_pictures_offset_one():
@@ -239,4 +226,4 @@ def test_cache_under_threads(small_cache):
     for (stride, seq), layout in results:
         assert torch.equal(layout.to_block_mask(), rule_mask(4, seq, seq, 16, 2, stride))
     info = small_cache.info()
-    assert 1 <= info["entries"] <= 3 and info["bytes"] <= info["max_bytes"]
+    assert info["entries"] >= 1 and info["bytes"] <= info["max_bytes"]  # sizes differ by stride: no fixed count

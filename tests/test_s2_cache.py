@@ -20,13 +20,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _rule(h, i, c, num_heads, local_blocks, vert_stride, homo_head=False, num_dense_heads=0,
-          head_sliding_offset=0, **_):
-    """The S2 rule for one (head, query block i, key block c), as the issue states it."""
+          head_sliding_offset=0, num_query_heads=None, **_):
+    """The S2 rule for one (KV head, query block i, key block c), as the issue states it, with
+    DKernel's head step for a per-KV-head pattern: vert_stride // query heads."""
     if c > i:
         return False
     if h >= num_heads - num_dense_heads:
         return True
-    step = max(1, vert_stride // num_heads)
+    step = max(1, vert_stride // (num_query_heads or num_heads))
     h_eff = 0 if homo_head else h
     return i - c < local_blocks or (c + h_eff * step + head_sliding_offset) % vert_stride == 0
 
@@ -46,13 +47,17 @@ def _element_mask(n, hkv, g, bs, cfg):
     return per_key.repeat_interleave(g, dim=0)[None, :, None, :].to(DEVICE)
 
 
-# (id, Hkv, G, cfg): GQA / MQA, homo and hetero heads, dense heads, both offsets, step > 1.
+# (id, Hkv, G, cfg): GQA / MQA, homo and hetero heads, dense heads, both offsets, step > 1; the
+# GQA ones give num_query_heads = Hkv * G (DKernel's step: vert_stride // Hq, which differs from
+# vert_stride // Hkv in "gqa-step-differs" (1 vs 2) and "dkernel-step2" (2 vs 4)).
 CONFIGS = [
-    ("hetero-off0-gqa", 4, 2, dict(local_blocks=2, vert_stride=3)),
-    ("homo-off1-window1", 2, 3, dict(local_blocks=1, vert_stride=4, homo_head=True, head_sliding_offset=1)),
-    ("hetero-off1-dense1-step2", 4, 2, dict(local_blocks=3, vert_stride=8, num_dense_heads=1,
-                                            head_sliding_offset=1)),
-    ("mqa-off0", 1, 4, dict(local_blocks=2, vert_stride=2)),
+    ("hetero-off0-gqa", 4, 2, dict(local_blocks=2, vert_stride=3, num_query_heads=8)),
+    ("homo-off1-window1", 2, 3, dict(local_blocks=1, vert_stride=4, homo_head=True, head_sliding_offset=1,
+                                     num_query_heads=6)),
+    ("gqa-step-differs-off1-dense1", 4, 2, dict(local_blocks=3, vert_stride=8, num_dense_heads=1,
+                                                head_sliding_offset=1, num_query_heads=8)),
+    ("dkernel-step2", 2, 2, dict(local_blocks=2, vert_stride=8, num_query_heads=4)),
+    ("mqa-off0", 1, 4, dict(local_blocks=2, vert_stride=2, num_query_heads=4)),
     ("all-dense", 2, 1, dict(local_blocks=2, vert_stride=4, num_dense_heads=2)),
 ]
 # Appends after the 75-token prompt (odd, inside block 4): single tokens and bursts that cross
@@ -105,7 +110,7 @@ def test_decode_matches_full_cache(name, hkv, g, cfg):
 def test_decode_inputs_through_triton_kernel():
     """The layout over the compacted storage runs on the kernel (interpreter on CPU)."""
     b, hkv, g, d, bs = 1, 2, 2, 32, 16
-    cfg = dict(local_blocks=2, vert_stride=2, head_sliding_offset=1)
+    cfg = dict(local_blocks=2, vert_stride=2, head_sliding_offset=1, num_query_heads=hkv * g)
     k, v, gen = _sequence(b, hkv, d, 200, seed=5)
     cache = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=200, device=DEVICE, **cfg)
     cache.prefill(k[:, :, :150], v[:, :, :150])
@@ -172,7 +177,10 @@ def test_reset_and_reuse():
 
 
 # -- memory ------------------------------------------------------------------------------------
-PHI3_SMALL = dict(block_size=64, local_blocks=16, vert_stride=8)  # S2 layers; 32 q / 8 KV heads, D 128
+# Phi-3-small's sizes (block 64, 16 local blocks, stride 8; 32 query / 8 KV heads, D 128) as a
+# per-KV-head pattern: what this cache holds. (Phi-3-small's own pattern is per query head, see
+# tests/test_s2_dkernel.py::test_phi3_small_per_query_head_kv_saving.)
+PHI3_SMALL = dict(block_size=64, local_blocks=16, vert_stride=8, num_query_heads=32)
 
 
 def _ratio_by_counting(n, hkv, cfg):
@@ -194,7 +202,7 @@ def test_memory_ratio_phi3_small(offset):
         assert ratio == want == _ratio_by_counting(n, 8, cfg)
     assert expect[32768] == pytest.approx(0.1523, abs=1e-4) and expect[131072] == pytest.approx(0.1318, abs=1e-4)
     # The cache's own bookkeeping, run to 128k tokens without tensors, stays within its slots.
-    residues = _stride_residues(8, 8, False, 0, offset)
+    residues = _stride_residues(8, 8, False, 0, offset, 32)
     table = _SlotTable(residues, 16, 8)
     for _ in range(131072 // 64):
         table.advance()
@@ -206,7 +214,9 @@ def test_memory_ratio_phi3_small(offset):
     dict(block_size=64, local_blocks=4, vert_stride=8, homo_head=True),
     dict(block_size=32, local_blocks=8, vert_stride=8, num_dense_heads=2, head_sliding_offset=1),
     dict(block_size=16, local_blocks=3, vert_stride=3),
-], ids=["stride16", "homo", "dense2-off1", "step-uneven"])
+    dict(block_size=32, local_blocks=4, vert_stride=16, num_query_heads=32),  # step 1 (Hq), not 2 (Hkv)
+    dict(block_size=32, local_blocks=4, vert_stride=32, num_query_heads=16, head_sliding_offset=3),  # step 2
+], ids=["stride16", "homo", "dense2-off1", "step-uneven", "gqa-step1", "gqa-step2"])
 def test_memory_ratio_closed_form_matches_count(cfg):
     for n in (1, 63, 64, 65, 1000, 4097, 20000):
         assert S2KVCache.memory_ratio(n, 8, **cfg) == pytest.approx(_ratio_by_counting(n, 8, cfg), rel=1e-12)
@@ -234,7 +244,11 @@ def _cache(**kw):
     (dict(vert_stride=1.5), TypeError, "vert_stride must be an int"),
     (dict(dtype=torch.int32), TypeError, "dtype must be a floating-point"),
     (dict(max_seq_len=0), ValueError, "max_seq_len must be >= 1"),
-], ids=["local0", "block48", "dense>hkv", "stride-float", "dtype-int", "maxlen0"])
+    (dict(num_query_heads=3), ValueError, "num_query_heads must be a multiple of num_kv_heads=2"),
+    (dict(num_query_heads=4.0), TypeError, "num_query_heads must be an int"),
+    (dict(num_query_heads=0), ValueError, "num_query_heads must be >= 1"),
+], ids=["local0", "block48", "dense>hkv", "stride-float", "dtype-int", "maxlen0", "hq-not-multiple", "hq-float",
+        "hq0"])
 def test_bad_construction_raises(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         _cache(**kw)
@@ -260,3 +274,19 @@ def test_bad_use_raises():
         cache.attend(torch.randn(1, 4, 2, 8))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         cache.attend(torch.randn(1, 3, 1, 8))
+    with pytest.raises(ValueError, match="built for num_query_heads=2"):  # GQA queries need num_query_heads
+        cache.attend(torch.randn(1, 4, 1, 8))
+
+
+def test_gqa_head_step_follows_the_query_heads():
+    """DKernel's per-KV-head GQA rule: Hq = 4, Hkv = 2, stride 4 -> residues [0, 3] (step 4 // 4),
+    not [0, 2] (step 4 // 2); the stored strided blocks follow it."""
+    bs, n = 16, 16 * 20
+    k = torch.randn(1, 2, n, 8)
+    stored = {}
+    for hq in (None, 4):
+        cache = S2KVCache(1, 2, 8, block_size=bs, local_blocks=1, vert_stride=4, max_seq_len=n, num_query_heads=hq)
+        cache.prefill(k, k)
+        stored[hq] = [sorted({b % 4 for b in blocks[:-1]}) for blocks in cache.block_table()]  # strided residues
+    assert stored == {None: [[0], [2]], 4: [[0], [3]]}
+    assert _stride_residues(2, 4, False, 0, 0, 4) == [0, 3]

@@ -197,15 +197,25 @@ class S2Pattern(AttentionPattern):
     keeps) or over the query heads (``"q"``). Decode and chunked prefill use the same rule
     bottom-right (queries are the last ``Sq`` positions); ``decode="dense"`` turns that off.
 
+    With ``layout_heads="kv"``, :meth:`from_spec` sets ``num_query_heads`` to the layer's query
+    heads, so the head step is DKernel's ``max(1, vert_stride // Hq)`` (its per-KV-head GQA rule);
+    until this was added the drop-in stepped by ``vert_stride // Hkv``, which differs when
+    ``vert_stride > Hkv`` (a checkpoint trained with that older pattern is served with DKernel's).
+    ``layout_heads="q"`` builds one pattern per query head (``strided(Hq, ...)``), the layout of
+    Phi-3-small's vLLM port when combined with ``head_sliding_offset=1``.
+
     Args:
         num_heads: heads the pattern is defined over (set by :meth:`from_spec` from ``layout_heads``).
-        block_size, local_blocks, vert_stride, homo_head, num_dense_heads, head_sliding_offset:
-            as in :func:`~sparse_attn.patterns.strided`.
+        block_size, local_blocks, vert_stride, homo_head, num_dense_heads, head_sliding_offset,
+        num_query_heads: as in :func:`~sparse_attn.patterns.strided` (``num_query_heads``: set by
+            :meth:`from_spec`; when set, the queries must have that many heads).
         layout_heads: ``"kv"`` or ``"q"`` (recorded for :meth:`get_config`).
 
     Example::
 
         >>> p = S2Pattern.from_spec(AttentionSpec(4, 2, 16), block_size=16, local_blocks=2, vert_stride=4)
+        >>> p.options["num_query_heads"]
+        4
         >>> p(torch.randn(1, 4, 100, 16), torch.randn(1, 2, 100, 16)).shape
         (1, 2, 7, 7)
     """
@@ -222,6 +232,7 @@ class S2Pattern(AttentionPattern):
         homo_head: bool = False,
         num_dense_heads: int = 0,
         head_sliding_offset: int = 0,
+        num_query_heads: Optional[int] = None,
         layout_heads: str = "kv",
         decode: str = "sparse",
         backend: str = "auto",
@@ -231,7 +242,8 @@ class S2Pattern(AttentionPattern):
             raise ValueError(f"layout_heads must be 'kv' or 'q', got {layout_heads!r}")
         self.num_heads = int(num_heads)
         self.options = dict(local_blocks=int(local_blocks), vert_stride=int(vert_stride), homo_head=bool(homo_head),
-                            num_dense_heads=int(num_dense_heads), head_sliding_offset=int(head_sliding_offset))
+                            num_dense_heads=int(num_dense_heads), head_sliding_offset=int(head_sliding_offset),
+                            num_query_heads=num_query_heads)
         self.layout_heads = layout_heads
         from ..patterns import strided
 
@@ -239,12 +251,21 @@ class S2Pattern(AttentionPattern):
 
     @classmethod
     def from_spec(cls, spec: AttentionSpec, **options: Any) -> "S2Pattern":
+        """One layer's pattern: over ``spec.num_kv_heads`` (``layout_heads="kv"``, the default) or
+        ``spec.num_heads`` (``"q"``), with ``num_query_heads = spec.num_heads`` (DKernel's step)."""
         heads = spec.num_kv_heads if options.get("layout_heads", "kv") == "kv" else spec.num_heads
-        return cls(heads, **options)
+        hq = options.get("num_query_heads")
+        if hq is not None and hq != spec.num_heads:
+            raise ValueError(f"num_query_heads={hq!r} does not match the layer's {spec.num_heads} query heads "
+                             "(it is set from the model; leave it out)")
+        return cls(heads, **{**options, "num_query_heads": spec.num_heads})
 
     def layout(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
         from ..patterns import strided
 
+        hq = self.options["num_query_heads"]
+        if hq is not None and q.shape[1] != hq:
+            raise ValueError(f"q has {q.shape[1]} heads but this S2 pattern was built for num_query_heads={hq}")
         return strided(self.num_heads, q.shape[2], k.shape[2], block_size=self.block_size, device=q.device,
                        **self.options)
 

@@ -1,23 +1,44 @@
-"""S2-Attention (DKernel) layouts: a local window plus a strided, per-head-shifted set of blocks.
+"""S2-Attention (DKernel) layouts: a local window plus a strided set of blocks.
 
-Every head keeps the key blocks near the query (``local_blocks`` of them) and, further back,
-one block in every ``vert_stride``; the stride is shifted by head, so the heads together cover
-the whole context while each one reads only ``~1/vert_stride`` of it.
+Every head keeps the key blocks near the query (its local window) and, further away, one block
+in every ``vert_stride``. In ``"absolute"`` mode the stride is shifted by head, so the heads
+together cover the whole context while each one reads only ``~1/vert_stride`` of it (and a decode
+cache need only keep each head's shard); in ``"relative"`` mode every head counts the stride
+outwards from its own window.
 
-The rule (causal). For layout head ``h``, query block row ``r`` and key block ``c``, let ``i``
-be the absolute block index of row ``r``'s first query token (queries are the last ``seq_q``
-positions of the ``seq_k`` keys, so ``i = r + (seq_k - seq_q) // block_size``). Keep ``c`` iff
-``c <= i`` and either ``i - c < local_blocks`` or
-``(c + h_eff * step + head_sliding_offset) % vert_stride == 0``, with
-``step = max(1, vert_stride // num_heads)`` and ``h_eff = 0 if homo_head else h``. The last
-``num_dense_heads`` heads keep every ``c <= i``. Non-causal: the window is symmetric,
-``|i - c| < local_blocks``, the stride rule is the same and nothing else is cut.
+Notation. Layout head ``h`` (its global index), query block row ``r``, key block ``c`` (0-based
+within the ``seq_k`` keys given). Queries are the last ``seq_q`` key positions, so row ``r``'s
+first query token is in key block ``i = r + (seq_k - seq_q) // block_size``. The window is
+``(L, R) = local_blocks``: ``c`` is local iff ``i - c < L`` and ``c - i < R`` (both counts
+include the query's own block). Causal layouts take ``local_blocks = L`` (an int) and ``R = 1``;
+non-causal ones an int ``L`` (``R = L``, symmetric) or a pair ``(L, R)``.
 
-Offsets: ``head_sliding_offset=0`` is DKernel's training rule; ``head_sliding_offset=1`` is
-the rule of its vLLM port (Phi-3-small), which shifts every head's stride by one block. A
-model trained with one must be served with the same one.
+The rule (DKernel's ``get_sparse_attn_mask``):
 
-Example (8 blocks, stride 4, window 2, two heads; ``x`` kept)::
+* ``vert_position_type="absolute"`` (the default when causal): keep ``c`` iff it is local or
+  ``(kv0 + c + h_eff * step + head_sliding_offset) % vert_stride == 0``, with
+  ``kv0 = kv_start_position // block_size`` (the absolute block of key 0),
+  ``h_eff = 0 if homo_head else h`` and ``step = max(1, vert_stride // n)``, ``n`` being
+  ``num_query_heads`` when given, else ``num_heads``.
+* ``vert_position_type="relative"`` (the default when not causal): keep ``c`` iff
+  ``(max(0, i - c - L + 1) + max(0, c - i - R + 1)) % vert_stride == 0``: the window (both terms
+  are 0 there) and every ``vert_stride``-th block counted outwards from its edges. The rule is the
+  same for every head (``homo_head``, ``head_sliding_offset``, ``num_query_heads`` and
+  ``kv_start_position`` change nothing).
+* Either way the last ``num_dense_heads`` heads keep every block, and causal layouts drop
+  ``c > i``.
+
+GQA. One pattern per KV head (``num_heads = Hkv``, shared by the KV head's query group) is what
+DKernel builds when given ``num_kv_heads``; it steps the heads by ``vert_stride // Hq`` (query
+heads), so pass ``num_query_heads=Hq`` to get its pattern. Without it the step is
+``vert_stride // Hkv``: e.g. ``Hq = 4``, ``Hkv = 2``, stride 4 gives residues ``[0, 3]`` per KV
+head with ``num_query_heads=4`` (DKernel) and ``[0, 2]`` without.
+
+Offsets: ``head_sliding_offset=0`` is DKernel's training rule; ``head_sliding_offset=1`` is the
+rule of its vLLM port (Phi-3-small), which shifts every head's stride by one block. A model
+trained with one must be served with the same one.
+
+Example (absolute, 8 blocks, stride 4, window 2, two heads; ``x`` kept)::
 
     head 0: c % 4 == 0         head 1: (c + 2) % 4 == 0
     x . . . . . . .            x . . . . . . .
@@ -48,13 +69,19 @@ from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, _ceil_div, _expan
 __all__ = ["strided", "strided_block_mask", "layout_cache"]
 
 Device = Union[str, torch.device, None]
+LocalBlocks = Union[int, Tuple[int, int]]
+
+VERT_POSITION_TYPES = ("absolute", "relative")
 
 
-def _check(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, num_dense_heads, active_head_range):
+def _is_int(val: Any) -> bool:
+    return isinstance(val, int) and not isinstance(val, bool)
+
+
+def _check(num_heads, seq_q, seq_k, block_size, vert_stride, num_dense_heads, active_head_range):
     for name, val in (("num_heads", num_heads), ("seq_q", seq_q), ("seq_k", seq_k), ("block_size", block_size),
-                      ("local_blocks", local_blocks), ("vert_stride", vert_stride),
-                      ("num_dense_heads", num_dense_heads)):
-        if isinstance(val, bool) or not isinstance(val, int):
+                      ("vert_stride", vert_stride), ("num_dense_heads", num_dense_heads)):
+        if not _is_int(val):
             raise TypeError(f"{name} must be an int, got {val!r}")
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
@@ -62,8 +89,6 @@ def _check(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, num_d
         raise ValueError(f"seq_q and seq_k must be >= 1, got seq_q={seq_q}, seq_k={seq_k}")
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
-    if local_blocks < 0:
-        raise ValueError(f"local_blocks must be >= 0, got {local_blocks}")
     if vert_stride < 1:
         raise ValueError(f"vert_stride must be >= 1, got {vert_stride}")
     if not 0 <= num_dense_heads <= num_heads:
@@ -80,15 +105,49 @@ def _check(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, num_d
     return h0, h1
 
 
-def stride_residue(head: int, num_heads: int, vert_stride: int, homo_head: bool, head_sliding_offset: int) -> int:
-    """The residue ``r`` such that key block ``c`` is on head ``head``'s stride iff
-    ``c % vert_stride == r``: ``(c + h_eff * step + head_sliding_offset) % vert_stride == 0``.
+def _local_window(local_blocks: Any, causal: bool) -> Tuple[int, int]:
+    """``local_blocks`` as the window ``(L, R)``: an int ``L`` (causal: ``R = 1``, the query's own
+    block; not causal: ``R = L``) or, not causal only, a pair ``(L, R)``; all counts ``>= 0``."""
+    if _is_int(local_blocks):
+        if local_blocks < 0:
+            raise ValueError(f"local_blocks must be >= 0, got {local_blocks}")
+        return (local_blocks, 1) if causal else (local_blocks, local_blocks)
+    if isinstance(local_blocks, (tuple, list)):
+        if causal:
+            raise ValueError(f"local_blocks must be an int when causal=True (the window's right side is the "
+                             f"query's own block), got {local_blocks!r}; a pair (left, right) is for causal=False")
+        if len(local_blocks) != 2 or not all(_is_int(x) for x in local_blocks):
+            raise TypeError(f"local_blocks must be an int or a pair of ints (left, right), got {local_blocks!r}")
+        left, right = local_blocks
+        if left < 0 or right < 0:
+            raise ValueError(f"local_blocks must be >= 0 on both sides, got {local_blocks!r}")
+        return left, right
+    raise TypeError(f"local_blocks must be an int or a pair of ints (left, right), got {local_blocks!r}")
+
+
+def _check_num_query_heads(num_query_heads: Any, num_heads: int) -> None:
+    if num_query_heads is None:
+        return
+    if not _is_int(num_query_heads):
+        raise TypeError(f"num_query_heads must be an int or None, got {num_query_heads!r}")
+    if num_query_heads < 1 or num_query_heads % num_heads:
+        raise ValueError(f"num_query_heads must be a positive multiple of num_heads={num_heads} (the query "
+                         f"heads of a per-KV-head layout), got {num_query_heads}")
+
+
+def stride_residue(head: int, num_heads: int, vert_stride: int, homo_head: bool, head_sliding_offset: int,
+                   *, num_query_heads: Optional[int] = None, kv_start_block: int = 0) -> int:
+    """The residue ``r`` such that key block ``c`` is on head ``head``'s stride (absolute mode) iff
+    ``c % vert_stride == r``, i.e. ``(kv_start_block + c + h_eff * step + head_sliding_offset) %
+    vert_stride == 0`` with ``step = max(1, vert_stride // (num_query_heads or num_heads))``.
 
     >>> [stride_residue(h, 2, 4, False, 0) for h in range(2)]
     [0, 2]
+    >>> [stride_residue(h, 2, 4, False, 0, num_query_heads=4) for h in range(2)]   # DKernel, GQA 4:2
+    [0, 3]
     """
-    step = max(1, vert_stride // num_heads)
-    return (-((0 if homo_head else head) * step + head_sliding_offset)) % vert_stride
+    step = max(1, vert_stride // (num_heads if num_query_heads is None else num_query_heads))
+    return (-((0 if homo_head else head) * step + head_sliding_offset + kv_start_block)) % vert_stride
 
 
 class LayoutCache:
@@ -163,84 +222,108 @@ def _cache_budget() -> int:
 layout_cache = LayoutCache(_cache_budget())
 
 
-def _build(num_heads, seq_q, seq_k, bs, local, stride, homo, n_dense, offset, causal, h0, h1, device):
+_BIG = 1 << 40  # a window bound past any block index: "keep everything in range"
+
+
+def _runs(t_lo, t_hi, w_lo, w_hi, rho_pre, rho_post, runs, stride, width):
+    """Counts and ascending indices of a set made of up to three runs, per item.
+
+    All arguments but ``stride``/``width`` are int64 tensors broadcasting to ``[H, X]``. Item
+    ``(h, x)`` keeps the targets ``t`` in ``[t_lo, t_hi]`` that are in the window
+    ``[w_lo, w_hi]`` (may be empty, or ``(-_BIG, _BIG)``: everything), plus, where ``runs``,
+    those before the window with ``t % stride == rho_pre`` and those after it (``t > w_hi`` and
+    ``t >= w_lo``) with ``t % stride == rho_post``. Returns ``num [H, X]`` and ``idx [H, X, width]``
+    (int32; slots past ``num`` are padding). ``width`` must bound every count.
+    """
+    pre_hi = torch.minimum(w_lo - 1, t_hi)
+    first_pre = t_lo + (rho_pre - t_lo) % stride
+    n_pre = torch.where(runs, ((pre_hi - first_pre) // stride + 1).clamp(min=0), 0)
+    win_a = torch.maximum(w_lo, t_lo)
+    n_win = (torch.minimum(w_hi, t_hi) - win_a + 1).clamp(min=0)
+    post_lo = torch.maximum(torch.maximum(w_hi + 1, w_lo), t_lo)
+    first_post = post_lo + (rho_post - post_lo) % stride
+    n_post = torch.where(runs, ((t_hi - first_post) // stride + 1).clamp(min=0), 0)
+    num = n_pre + n_win + n_post
+    n_pre, n_win, num = torch.broadcast_tensors(n_pre, n_win, num)
+
+    # slot j: run 1 (j < n_pre), the window, run 2; int32 and in place on the one [H, X, K]
+    # temporary, since this is the big piece (8 heads x 2048 rows x 273 slots at 128k)
+    cap = 1 << 30  # every start is >= t_lo >= 0; one past the targets only where its run is empty
+    i32 = torch.int32
+    j = torch.arange(width, device=num.device, dtype=i32)  # [K]
+    n_pre3, n_win3 = n_pre.to(i32)[..., None], n_win.to(i32)[..., None]  # [H, X, 1]
+    t = j - n_pre3  # [H, X, K] slot index relative to the window start
+    in_pre, in_post = t < 0, t >= n_win3
+    idx = t + win_a.clamp(max=cap).to(i32)[..., None]
+    t.sub_(n_win3).mul_(stride).add_(first_post.clamp(max=cap).to(i32)[..., None])  # run 2 candidates
+    idx = torch.where(in_post, t, idx)
+    idx = torch.where(in_pre, first_pre.clamp(max=cap).to(i32)[..., None] + j * stride, idx)
+    # padding slots hold anything; the caller clamps them into range
+    return num.to(i32), idx
+
+
+def _build(num_heads, seq_q, seq_k, bs, left, right, stride, homo, n_dense, offset, causal, relative, kv0,
+           num_query_heads, h0, h1, device):
     """(kv_num, kv_idx, q_num, q_idx) straight from the formula, never an [Mq, Mk] mask.
 
-    Per row the kept columns are three ascending runs: stride hits before the window, the
-    window, stride hits after it (non-causal only), so each slot's index is closed-form. Per
-    column the reading rows form one contiguous range, so the transposed form is too.
+    Per row the kept columns are three ascending runs (stride hits before the window, the
+    window, stride hits after it), so each slot's index is closed-form. Per column the reading
+    rows are the same kind of set: one contiguous range (absolute mode: the window's rows, or
+    every row for a column on the head's stride), or in relative mode three runs again, the
+    window ``[c - R + 1, c + L - 1]`` with the stride counted outwards from its edges.
     """
     dev = torch.device(device)
     mq, mk = _ceil_div(seq_q, bs), _ceil_div(seq_k, bs)
     shift = (seq_k - seq_q) // bs  # floor: i = r + shift for every row
     heads = torch.arange(h0, h1, device=dev, dtype=torch.int64)  # global head indices
-    c0 = torch.tensor([stride_residue(h, num_heads, stride, homo, offset) for h in range(h0, h1)],
-                      device=dev, dtype=torch.int64)  # [H] first column on the head's stride
-    dense = heads >= num_heads - n_dense  # [H]
+    dense = (heads >= num_heads - n_dense)[:, None]  # [H, 1]
+    # the window is [i - wl, i + wr]; with L = R = 0 it is empty, but in relative mode block i
+    # itself scores max(0, 1) + max(0, 1) = 2, kept iff vert_stride divides 2: a window of one
+    wl, wr = left - 1, right - 1
+    if relative and left + right == 0 and 2 % stride == 0:
+        wl = wr = 0
+    c0 = torch.tensor([stride_residue(h, num_heads, stride, homo, offset, num_query_heads=num_query_heads,
+                                      kv_start_block=kv0) for h in range(h0, h1)],
+                      device=dev, dtype=torch.int64)[:, None]  # [H, 1] absolute mode's residues
+    window_all = h1 > num_heads - n_dense  # some head keeps everything (known on the host: no sync)
+    win_size = max(0, wl + wr + 1)
 
-    i = torch.arange(mq, device=dev, dtype=torch.int64) + shift  # [Mq] absolute block of each row
-    i, c0_, dense_ = i[None, :], c0[:, None], dense[:, None]  # [1, Mq], [H, 1], [H, 1]
-    last = mk - 1
-    zero = torch.zeros_like(i)
-    # the window [win_lo, win_hi] (may be empty); dense heads: everything up to the causal limit
-    if causal:
-        win_lo = torch.where(dense_, zero, (i - local + 1).clamp(min=0))
-        win_hi = i.clamp(max=last).expand_as(win_lo)
+    # rows: item r (absolute block i), targets c in [0, Mk - 1] (causal: c <= i)
+    i = torch.arange(mq, device=dev, dtype=torch.int64)[None, :] + shift  # [1, Mq]
+    t_hi = i.clamp(max=mk - 1) if causal else torch.full_like(i, mk - 1)
+    w_lo = torch.where(dense, -_BIG, i - wl)  # [H, Mq]
+    w_hi = torch.where(dense, _BIG, i + wr)
+    if relative:
+        rho_pre, rho_post = (i - left + 1) % stride, (i + right - 1) % stride
     else:
-        win_lo = torch.where(dense_, zero, (i - local + 1).clamp(min=0))
-        win_hi = torch.where(dense_, zero + last, (i + local - 1).clamp(max=last))
-    win_lo = win_lo.clamp(max=mk)
-    n_win = (win_hi - win_lo + 1).clamp(min=0)  # [H, Mq]
-    # stride hits before the window, c = c0 + j * stride < win_lo (also covers c <= i when local=0)
-    n_pre = torch.where(dense_, zero, ((win_lo - c0_ + stride - 1) // stride).clamp(min=0))
-    # stride hits after the window, up to the last block (non-causal only)
-    start = torch.maximum(win_hi + 1, win_lo)
-    first_post = start + (c0_ - start) % stride
-    if causal:
-        n_post = torch.zeros_like(n_pre)
-    else:
-        n_post = torch.where(dense_ | (first_post > last), zero, (last - first_post) // stride + 1)
-    kv_num = (n_pre + n_win + n_post).to(torch.int32)  # [H, Mq]
-
-    width = max(1, min(mk, (mk + stride - 1) // stride + (local if causal else 2 * local) + 1))
-    if n_dense:
-        width = mk
-    # slot j of a row: run 1 (j < n_pre), the window, run 2; int32 and in place on the one
-    # [H, Mq, K] temporary, since this is the big piece (8 heads x 2048 rows x 273 slots at 128k)
-    i32 = torch.int32
-    j = torch.arange(width, device=dev, dtype=i32)[None, None, :]  # [1, 1, K]
-    n_pre3, n_win3 = n_pre.to(i32)[..., None], n_win.to(i32)[..., None]  # [H, Mq, 1]
-    t = j - n_pre3  # [H, Mq, K] slot index relative to the window start
-    in_pre, in_post = t < 0, t >= n_win3
-    kv_idx = t + win_lo.to(i32)[..., None]
-    t.sub_(n_win3).mul_(stride).add_(first_post.to(i32)[..., None])  # run 2 candidates
-    kv_idx = torch.where(in_post, t, kv_idx)
-    kv_idx = torch.where(in_pre, c0_.to(i32)[..., None] + j * stride, kv_idx)  # run 1: [H, 1, K]
-    kv_idx.clamp_(0, last)  # [H, Mq, K]; slots past the count are padding
+        rho_pre = rho_post = c0
+    width = mk if window_all else min(mk, _ceil_div(mk, stride) + 1 + win_size)
+    kv_num, kv_idx = _runs(torch.zeros_like(i), t_hi, w_lo, w_hi, rho_pre, rho_post, ~dense, stride, max(1, width))
+    kv_idx.clamp_(0, mk - 1)
 
     def transposed():
-        # column c is read by absolute rows [lo, hi] (then r = i - shift): one contiguous range
+        # columns: item c, targets r in [0, Mq - 1] (absolute row i = r + shift; causal: i >= c)
         c = torch.arange(mk, device=dev, dtype=torch.int64)[None, :]  # [1, Mk]
-        wide = dense_ | ((c - c0_) % stride == 0)
-        big = 1 << 40
-        if causal:
-            lo = c
-            hi = torch.where(wide, torch.full_like(c, big), c + local - 1)
-        else:
-            lo = torch.where(wide, torch.full_like(c, -big), c - local + 1)
-            hi = torch.where(wide, torch.full_like(c, big), c + local - 1)
-        lo, hi = torch.broadcast_tensors(lo, hi)  # [H, Mk]
-        r_lo = (lo - shift).clamp(min=0)
-        r_hi = (hi - shift).clamp(max=mq - 1)
-        q_num = (r_hi - r_lo + 1).clamp(min=0).to(torch.int32)  # [H, Mk]
-        # the widest piece (int32 from the start: Hl * Mk * Mq entries)
-        r = torch.arange(mq, device=dev, dtype=torch.int32)[None, None, :]
-        q_idx = (r_lo.to(torch.int32)[..., None] + r).clamp_(max=mq - 1)  # [H, Mk, Mq]
+        lo = (c - shift).clamp(min=0) if causal else torch.zeros_like(c)
+        hi = torch.full_like(c, mq - 1)
+        cw_lo, cw_hi = c - wr - shift, c + wl - shift  # rows whose window holds c
+        if not relative:  # one contiguous range: every row if c is on the head's stride, else the window's
+            wide = dense | ((c - c0) % stride == 0)  # [H, Mk]
+            r_lo = torch.where(wide, lo, torch.maximum(cw_lo, lo))
+            r_hi = torch.where(wide, hi, torch.minimum(cw_hi, hi))
+            q_num = (r_hi - r_lo + 1).clamp(min=0).to(torch.int32)
+            # the widest piece (int32 from the start: Hl * Mk * Mq entries)
+            r = torch.arange(mq, device=dev, dtype=torch.int32)
+            q_idx = r_lo.to(torch.int32)[..., None] + r  # [H, Mk, Mq]
+        else:  # rows i reading c by the stride: i = c - R + 1 - k V and i = c + L - 1 + k V
+            q_num, q_idx = _runs(lo, hi, torch.where(dense, -_BIG, cw_lo), torch.where(dense, _BIG, cw_hi),
+                                 (c - right + 1 - shift) % stride, (c + left - 1 - shift) % stride, ~dense,
+                                 stride, max(1, mq if window_all else min(mq, _ceil_div(mq, stride) + 1 + win_size)))
+        q_idx.clamp_(0, mq - 1)
         return q_num[None], q_idx[None]
 
-    layout = BlockSparseLayout._from_parts(kv_num[None], kv_idx[None], None, None, (bs, bs), seq_q, seq_k,
-                                           q_builder=transposed)
-    return layout
+    return BlockSparseLayout._from_parts(kv_num[None], kv_idx[None], None, None, (bs, bs), seq_q, seq_k,
+                                         q_builder=transposed)
 
 
 def strided(
@@ -249,39 +332,63 @@ def strided(
     seq_k: Optional[int] = None,
     *,
     block_size: int = 64,
-    local_blocks: int = 16,
+    local_blocks: LocalBlocks = 16,
     vert_stride: int = 8,
     homo_head: bool = False,
     num_dense_heads: int = 0,
     head_sliding_offset: int = 0,
     causal: bool = True,
+    vert_position_type: Optional[str] = None,
+    kv_start_position: int = 0,
+    num_query_heads: Optional[int] = None,
     active_head_range: Optional[Tuple[int, int]] = None,
     device: Device = None,
 ) -> BlockSparseLayout:
-    """The S2-Attention layout ``[1, Hl, Mq, Mk]`` (see the module docstring for the rule).
+    """The S2-Attention layout ``[1, Hl, Mq, Mk]`` (see the module docstring for the rule), with
+    ``Mq = ceil(seq_q / block_size)``, ``Mk = ceil(seq_k / block_size)``.
 
     Args:
         num_heads: heads the pattern is defined over; ``Hl = num_heads``. Pass the number of
             KV heads to share one layout across each GQA group (the usual choice: a KV head's
-            shard is then what its cache must hold), or the query heads for one per head.
+            shard is then what its cache must hold; add ``num_query_heads`` for DKernel's head
+            step), or the query heads for one per head.
         seq_q, seq_k: query / key lengths (``seq_k`` defaults to ``seq_q``); queries are the
             last ``seq_q`` key positions (decode: ``seq_q = 1``).
         block_size: square block (16, 32, 64, 128).
-        local_blocks: window, in blocks, including the query's own block.
+        local_blocks: the local window in blocks, including the query's own block: an int ``L``
+            (causal: ``L`` blocks back, ``R = 1``; not causal: ``L`` each side) or, when not
+            causal, a pair ``(L, R)``: keep ``c`` with ``i - c < L`` and ``c - i < R``.
         vert_stride: keep one block in ``vert_stride`` outside the window.
         homo_head: all heads use the same stride offset (no sharding).
-        num_dense_heads: the last this many heads attend to everything (causally).
+        num_dense_heads: the last this many heads attend to everything (causally if causal).
         head_sliding_offset: extra shift of the stride (0: DKernel training; 1: its vLLM port).
-        causal: cut blocks after the query block; non-causal windows are symmetric.
+        causal: cut blocks after the query block.
+        vert_position_type: ``"absolute"`` (per-head residues of absolute key blocks) or
+            ``"relative"`` (the stride counted outwards from each row's window, no per-head
+            shift); ``None`` picks DKernel's default, ``"absolute"`` when causal (what lets a
+            decode cache drop blocks) and ``"relative"`` otherwise.
+        kv_start_position: absolute token position of key 0, a multiple of ``block_size``
+            (sequence chunks / parallel shards); the absolute stride uses key block
+            ``kv_start_position // block_size + c``. Queries stay the last ``seq_q`` keys.
+        num_query_heads: with a per-KV-head layout (``num_heads = Hkv``), the query heads
+            ``Hq`` (a positive multiple of ``num_heads``): the head step becomes
+            ``max(1, vert_stride // Hq)``, DKernel's rule. ``None``: ``vert_stride // num_heads``.
         active_head_range: ``(h0, h1)``: build only heads ``h0 .. h1 - 1`` (a tensor-parallel
             rank's heads); head indices in the rule stay global, ``Hl = h1 - h0``.
         device: where the layout lives.
 
     Returns:
-        A :class:`BlockSparseLayout`. Built from closed-form indices (no ``Mq x Mk`` mask)
-        and cached per arguments: the pattern is static, so a model calls this every step
-        for free. The transposed form (``Hl x Mk x Mq`` int32, for gradients) is made on
+        A :class:`BlockSparseLayout` (``kv_num [1, Hl, Mq]``, ``kv_idx [1, Hl, Mq, K]`` with
+        ``K ~ Mk / vert_stride + L + R``). Built from closed-form indices (no ``Mq x Mk`` mask)
+        and cached per arguments: the pattern is static, so a model calls this every step for
+        free. The transposed form (``q_idx [1, Hl, Mk, K']`` int32, for gradients) is made on
         first use, so inference never pays for it. Treat the layout as read-only.
+
+    Raises:
+        TypeError / ValueError naming the argument: non-int sizes, an unsupported block size,
+        a pair ``local_blocks`` with ``causal=True``, ``num_query_heads`` not a multiple of
+        ``num_heads``, ``kv_start_position`` not a non-negative multiple of ``block_size``, an
+        unknown ``vert_position_type``, a bad ``active_head_range``.
 
     Example::
 
@@ -291,17 +398,32 @@ def strided(
         (1, 4, 16, 16)
         >>> q = torch.randn(1, 8, 1000, 64); k = v = torch.randn(1, 4, 1000, 64)
         >>> out = sparse_attention(q, k, v, layout)        # GQA: heads 2g, 2g+1 use layout head g
+        >>> kv_layout = strided(4, 1000, block_size=64, local_blocks=2, vert_stride=4, num_query_heads=8)
+        >>> bidir = strided(4, 1000, block_size=64, local_blocks=(2, 1), vert_stride=4, causal=False)
     """
     seq_k = seq_q if seq_k is None else seq_k
-    h0, h1 = _check(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, num_dense_heads,
-                    active_head_range)
+    h0, h1 = _check(num_heads, seq_q, seq_k, block_size, vert_stride, num_dense_heads, active_head_range)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
+    left, right = _local_window(local_blocks, causal)
+    if not _is_int(head_sliding_offset):
+        raise TypeError(f"head_sliding_offset must be an int, got {head_sliding_offset!r}")
+    if vert_position_type is None:
+        vert_position_type = "absolute" if causal else "relative"
+    elif vert_position_type not in VERT_POSITION_TYPES:
+        raise ValueError(f"vert_position_type must be None, 'absolute' or 'relative', got {vert_position_type!r}")
+    if not _is_int(kv_start_position):
+        raise TypeError(f"kv_start_position must be an int, got {kv_start_position!r}")
+    if kv_start_position < 0 or kv_start_position % block_size:
+        raise ValueError(f"kv_start_position must be a non-negative multiple of block_size={block_size} "
+                         f"(sequence chunks start at a block boundary), got {kv_start_position}")
+    _check_num_query_heads(num_query_heads, num_heads)
     dev = torch.device("cpu") if device is None else torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    key = (num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, bool(homo_head), num_dense_heads,
-           int(head_sliding_offset), causal, h0, h1, str(dev))
+    key = (num_heads, seq_q, seq_k, block_size, left, right, vert_stride, bool(homo_head), num_dense_heads,
+           head_sliding_offset, causal, vert_position_type == "relative", kv_start_position // block_size,
+           num_query_heads, h0, h1, str(dev))
     if torch.compiler.is_compiling():  # traced into the graph: no Python-side cache for Dynamo to see
         return _build(*key)
     return layout_cache.get(key, lambda: _build(*key))

@@ -1,9 +1,11 @@
 """A decode KV cache for S2-Attention that keeps, per KV head, only the blocks that head reads.
 
-With the S2 rule (see :mod:`sparse_attn.patterns.s2`, ``num_heads = Hkv``: one pattern per
-KV head, shared by its GQA group), the token at position ``p`` (block ``i = p // block_size``)
-reads key block ``c <= i`` of KV head ``h`` iff ``i - c < local_blocks`` or ``c`` is on the
-head's stride, ``(c + h_eff * step + head_sliding_offset) % vert_stride == 0``. Decoding only
+With the S2 rule (see :mod:`sparse_attn.patterns.s2`; causal, absolute stride positions,
+``num_heads = Hkv``: one pattern per KV head, shared by its GQA group), the token at position
+``p`` (block ``i = p // block_size``) reads key block ``c <= i`` of KV head ``h`` iff
+``i - c < local_blocks`` or ``c`` is on the head's stride,
+``(c + h_eff * step + head_sliding_offset) % vert_stride == 0`` with DKernel's head step
+``step = max(1, vert_stride // Hq)`` (``Hq = num_query_heads``). Decoding only
 moves forward, so a block that leaves the window and is not on the stride is never read by that
 head again: :class:`S2KVCache` drops it. What a head holds is exactly what its newest token
 reads: its strided blocks (kept for good) and its last ``local_blocks`` blocks (a sliding window).
@@ -56,8 +58,14 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
-def _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset):
+def _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset,
+                   num_query_heads):
     _check_int("num_kv_heads", num_kv_heads, 1)
+    if num_query_heads is not None:
+        _check_int("num_query_heads", num_query_heads, 1)
+        if num_query_heads % num_kv_heads:
+            raise ValueError(f"num_query_heads must be a multiple of num_kv_heads={num_kv_heads}, "
+                             f"got {num_query_heads}")
     _check_int("block_size", block_size, 1)
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
@@ -71,9 +79,11 @@ def _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dens
 
 
 def _stride_residues(num_kv_heads: int, vert_stride: int, homo_head: bool, num_dense_heads: int,
-                     head_sliding_offset: int) -> List[int]:
-    """Per sharded head ``h``: the residue ``r_h`` with ``c`` on the stride iff ``c % V == r_h``."""
-    return [stride_residue(h, num_kv_heads, vert_stride, homo_head, head_sliding_offset)
+                     head_sliding_offset: int, num_query_heads: Optional[int] = None) -> List[int]:
+    """Per sharded head ``h``: the residue ``r_h`` with ``c`` on the stride iff ``c % V == r_h``
+    (head step from ``num_query_heads``; ``None``: ``Hq = Hkv``)."""
+    return [stride_residue(h, num_kv_heads, vert_stride, homo_head, head_sliding_offset,
+                           num_query_heads=num_query_heads or num_kv_heads)
             for h in range(num_kv_heads - num_dense_heads)]
 
 
@@ -130,16 +140,21 @@ class S2KVCache:
     """Per-layer decode KV cache for S2-Attention storing only each KV head's shard.
 
     The pattern is :func:`~sparse_attn.patterns.strided` with ``num_heads = num_kv_heads``
-    (shared by each GQA group); decoding the token at the last position with
-    :meth:`attend` (or the parts of :meth:`decode_parts`) gives the same result as
-    ``sparse_attention(q, k_full, v_full, strided(num_kv_heads, 1, seq_len, ...))`` on the
-    full cache, while the storage holds only the blocks that can still be read. All batch rows
-    share one length. See the module docstring for the storage and the partial last block.
+    (shared by each GQA group) and ``num_query_heads = Hq``: DKernel's rule for GQA models,
+    whose head step is ``max(1, vert_stride // Hq)`` (``num_query_heads=None`` means
+    ``Hq = Hkv``, no GQA, where both rules agree; a GQA model must pass its query heads, and
+    :meth:`attend` refuses queries with another head count). Decoding the token at the last
+    position with :meth:`attend` (or the parts of :meth:`decode_parts`) gives the same result as
+    ``sparse_attention(q, k_full, v_full, strided(num_kv_heads, 1, seq_len, ...,
+    num_query_heads=Hq))`` on the full cache, while the storage holds only the blocks that can
+    still be read. All batch rows share one length. See the module docstring for the storage and
+    the partial last block. (A per-query-head pattern, e.g. ``strided(Hq, ...)`` as Phi-3-small's
+    vLLM port builds it, or ``vert_position_type="relative"``, cannot be compacted this way.)
 
     Memory (closed form, per KV head, at ``n`` tokens): with ``M = ceil(n / bs)`` blocks,
     ``W = min(L - 1, M - 1)`` complete window blocks, ``K = max(0, M - L)`` blocks before the
     window and ``S_h = max(0, ceil((K - r_h) / V))`` of them on head ``h``'s stride
-    (``r_h = -(h_eff * step + head_sliding_offset) mod V``), a sharded head keeps
+    (``r_h = -(h_eff * step + head_sliding_offset) mod V``, ``step = max(1, V // Hq)``), a sharded head keeps
     ``W + S_h + 1`` blocks and a dense head ``M``. The cache allocates, per sharded head,
     ``N + 1`` block slots with ``N = W + max_h S_h``, and ``n`` tokens per dense head, so::
 
@@ -154,13 +169,16 @@ class S2KVCache:
         block_size, local_blocks, vert_stride, homo_head, num_dense_heads, head_sliding_offset:
             the S2 pattern, as in :func:`~sparse_attn.patterns.strided` (``local_blocks >= 1``:
             the window must hold the current block).
+        num_query_heads: ``Hq``, the query heads of the model (a multiple of ``num_kv_heads``);
+            sets the head step as DKernel does. ``None``: ``Hq = num_kv_heads``.
         max_seq_len: capacity in tokens (prompt + generated); storage is allocated up front.
         dtype, device: of the storage (zero-initialised).
 
     Example::
 
         >>> from sparse_attn import sparse_attention
-        >>> cache = S2KVCache(1, 2, 64, block_size=16, local_blocks=2, vert_stride=4, max_seq_len=512)
+        >>> cache = S2KVCache(1, 2, 64, block_size=16, local_blocks=2, vert_stride=4, max_seq_len=512,
+        ...                   num_query_heads=8)
         >>> k = v = torch.randn(1, 2, 300, 64)
         >>> cache.prefill(k, v)                                   # keeps only each head's shard
         >>> cache.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))   # the new token
@@ -185,6 +203,7 @@ class S2KVCache:
         homo_head: bool = False,
         num_dense_heads: int = 0,
         head_sliding_offset: int = 0,
+        num_query_heads: Optional[int] = None,
         max_seq_len: int,
         dtype: torch.dtype = torch.float32,
         device: Device = None,
@@ -192,17 +211,19 @@ class S2KVCache:
         _check_int("batch", batch, 1)
         _check_int("head_dim", head_dim, 1)
         _check_int("max_seq_len", max_seq_len, 1)
-        _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset)
+        _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset,
+                       num_query_heads)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.block_size, self.local_blocks, self.vert_stride = block_size, local_blocks, vert_stride
         self.homo_head, self.num_dense_heads = bool(homo_head), num_dense_heads
         self.head_sliding_offset, self.max_seq_len = head_sliding_offset, max_seq_len
+        self.num_query_heads = num_kv_heads if num_query_heads is None else num_query_heads
         self.dtype = dtype
         self.num_sparse_heads = num_kv_heads - num_dense_heads
         self._residues = _stride_residues(num_kv_heads, vert_stride, self.homo_head, num_dense_heads,
-                                          head_sliding_offset)
+                                          head_sliding_offset, self.num_query_heads)
         self.num_slots = self._complete_slots(max_seq_len)  # N; slot N holds the current block
         opts = dict(dtype=dtype, device=torch.device("cpu" if device is None else device))
         hs, nd, bs = self.num_sparse_heads, num_dense_heads, block_size
@@ -234,22 +255,24 @@ class S2KVCache:
         homo_head: bool = False,
         num_dense_heads: int = 0,
         head_sliding_offset: int = 0,
+        num_query_heads: Optional[int] = None,
     ) -> List[int]:
         """Per KV head, the key blocks the token at position ``seq_len - 1`` reads, which is
         what the cache keeps for that head after ``seq_len`` tokens (closed form, see the class
-        docstring; no tensors).
+        docstring; no tensors). Arguments as in the constructor.
 
         Example::
 
-            >>> S2KVCache.kept_blocks(32768, 8, block_size=64, local_blocks=16, vert_stride=8)
+            >>> S2KVCache.kept_blocks(32768, 8, block_size=64, local_blocks=16, vert_stride=8, num_query_heads=32)
             [78, 78, 78, 78, 78, 78, 78, 78]
         """
         _check_int("seq_len", seq_len, 1)
-        _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset)
+        _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset,
+                       num_query_heads)
         m = _ceil_div(seq_len, block_size)
         window, before = min(local_blocks, m), max(0, m - local_blocks)
         residues = _stride_residues(num_kv_heads, vert_stride, bool(homo_head), num_dense_heads,
-                                    head_sliding_offset)
+                                    head_sliding_offset, num_query_heads)
         return [window + _strided_before(before, r, vert_stride) for r in residues] + [m] * num_dense_heads
 
     @staticmethod
@@ -263,18 +286,21 @@ class S2KVCache:
         homo_head: bool = False,
         num_dense_heads: int = 0,
         head_sliding_offset: int = 0,
+        num_query_heads: Optional[int] = None,
     ) -> float:
         """Bytes an ``S2KVCache(max_seq_len=seq_len)`` allocates over those of a full cache of
         ``seq_len`` tokens (the class docstring's ``ratio(n)``; nothing is allocated).
 
-        Example (Phi-3-small-like S2 layer: block 64, 16 local blocks, stride 8, 8 KV heads)::
+        Example (a per-KV-head S2 layer with Phi-3-small's sizes: block 64, 16 local blocks,
+        stride 8, 32 query / 8 KV heads; not Phi-3-small's own per-query-head pattern)::
 
-            >>> S2KVCache.memory_ratio(32768, 8, block_size=64, local_blocks=16, vert_stride=8)
+            >>> S2KVCache.memory_ratio(32768, 8, block_size=64, local_blocks=16, vert_stride=8, num_query_heads=32)
             0.15234375
         """
         kept = S2KVCache.kept_blocks(seq_len, num_kv_heads, block_size=block_size, local_blocks=local_blocks,
                                      vert_stride=vert_stride, homo_head=homo_head,
-                                     num_dense_heads=num_dense_heads, head_sliding_offset=head_sliding_offset)
+                                     num_dense_heads=num_dense_heads, head_sliding_offset=head_sliding_offset,
+                                     num_query_heads=num_query_heads)
         sparse = kept[: num_kv_heads - num_dense_heads]
         tokens = len(sparse) * max(sparse, default=0) * block_size + num_dense_heads * seq_len
         return tokens / (num_kv_heads * seq_len)
@@ -454,13 +480,13 @@ class S2KVCache:
         """Attention of the query at the last stored position over this cache.
 
         Args:
-            q: ``[B, Hq, 1, D]`` with ``Hq % Hkv == 0`` (query head ``h`` reads KV head
+            q: ``[B, Hq, 1, D]`` with ``Hq = num_query_heads`` (query head ``h`` reads KV head
                 ``h // (Hq // Hkv)``), in the cache's dtype and device.
             scale, backend, return_lse: as in :func:`~sparse_attn.sparse_attention`.
 
         Returns:
             ``out [B, Hq, 1, D]`` (and ``lse [B, Hq, 1]`` with ``return_lse``), equal to
-            ``sparse_attention(q, k_full, v_full, strided(Hkv, 1, seq_len, ...))``.
+            ``sparse_attention(q, k_full, v_full, strided(Hkv, 1, seq_len, ..., num_query_heads=Hq))``.
 
         Example::
 
@@ -476,6 +502,10 @@ class S2KVCache:
                              f"stored position), got {tuple(q.shape)}")
         if q.shape[1] % self.num_kv_heads:
             raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if q.shape[1] != self.num_query_heads:
+            raise ValueError(f"q has {q.shape[1]} heads but this cache's pattern was built for num_query_heads="
+                             f"{self.num_query_heads} (the stride's head step depends on it): construct the "
+                             f"cache with num_query_heads={q.shape[1]}")
         g = q.shape[1] // self.num_kv_heads
         outs, lses = [], []
         for part in self.decode_parts():
@@ -490,6 +520,7 @@ class S2KVCache:
     def __repr__(self) -> str:
         return (f"S2KVCache(B={self.batch}, Hkv={self.num_kv_heads}, D={self.head_dim}, "
                 f"block_size={self.block_size}, local_blocks={self.local_blocks}, vert_stride={self.vert_stride}, "
-                f"homo_head={self.homo_head}, num_dense_heads={self.num_dense_heads}, "
+                f"num_query_heads={self.num_query_heads}, homo_head={self.homo_head}, "
+                f"num_dense_heads={self.num_dense_heads}, "
                 f"head_sliding_offset={self.head_sliding_offset}, seq_len={self._n}/{self.max_seq_len}, "
                 f"slots={self.num_slots + 1})")
