@@ -50,7 +50,7 @@ def test_training_reduces_kl_and_freezes_base(tokens, tmp_path):
     assert all(not p.requires_grad for n, p in model.named_parameters() if "sparse_pattern" not in n)
     # safetensors + JSON, no pickle; loads onto a fresh copy of the base model with one call
     files = sorted(os.listdir(tmp_path / "gates"))
-    assert "gates.safetensors" in files and "gates_config.json" in files
+    assert files[0].startswith("gates-") and files[0].endswith(".safetensors") and files[1:] == ["gates_config.json"]
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     fresh = tiny_model()
     apply_sparse_attention(fresh, method="seer", gates=str(tmp_path / "gates"), block_size=16, density=0.25)
@@ -83,7 +83,8 @@ def test_resume_continues_exactly(tokens, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b")
     monkeypatch.setattr(PackedSequences, "batch", real)
-    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step-000004"]
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4
     resumed = run(tmp_path / "b", resume=True)
     for k in straight:
@@ -102,8 +103,17 @@ def test_cli_train_gates(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["first_loss"] > 0
-    assert (tmp_path / "gates" / "gates.safetensors").is_file()
+    weights = json.loads((tmp_path / "gates" / "gates_config.json").read_text())["weights"]["file"]
+    assert (tmp_path / "gates" / weights).is_file()
     assert len(json.loads((tmp_path / "gates" / "train_log.json").read_text())) == 3
+    common = ["train-gates", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl"),
+              "--out", str(tmp_path / "gates"), "--seq-len", "64", "--batch-size", "2", "--block-size", "16",
+              "--no-progress", "--save-every", "2"]
+    assert cli_main(common + ["--steps", "3"]) == 0
+    assert sorted(os.listdir(tmp_path / "gates" / "checkpoints")) == ["step-000002", "step-000003"]
+    assert cli_main(common + ["--steps", "4", "--resume", "--keep-checkpoints", "1"]) == 0  # continues at step 3
+    assert sorted(os.listdir(tmp_path / "gates" / "checkpoints")) == ["step-000004"]
+    assert [h["step"] for h in json.loads((tmp_path / "gates" / "train_log.json").read_text())] == [1, 2, 3, 4]
     assert cli_main(["train-gates", "--model", str(tmp_path / "nope"), "--data", "x", "--out", "y"]) == 2
 
 

@@ -416,7 +416,12 @@ def apply_sparse_attention(
     if isinstance(gates, (str, os.PathLike)):
         from ..patterns.seer import load_gates
 
-        options["gates"], _ = load_gates(gates)
+        # the model's dims bound the sizes in the gates' JSON before anything is allocated (with
+        # layers of different shapes, each layer's pattern checks its gates when it is built)
+        specs = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in
+                 (_spec(model, idx, m) for idx, m in attn_layers if layers is None or idx in layers)}
+        dims = dict(zip(("num_heads", "num_kv_heads", "head_dim"), specs.pop())) if len(specs) == 1 else None
+        options["gates"], _ = load_gates(gates, model_dims=dims)
     resolved = _attach_patterns(model, attn_layers, method, options, layers)
     model.config.sparse_attention = {"method": method, "options": resolved, "layers": layers,
                                      "version": _CONFIG_VERSION}

@@ -90,16 +90,16 @@ class SeerPattern(AttentionPattern):
         self.causal_select = bool(causal_select)
         self.num_heads, self.num_kv_heads, self.head_dim = int(num_heads), int(num_kv_heads), int(head_dim)
         self.rope_theta = float(rope_theta)
-        self.gate_options = dict(gate or {})
-        for key in ("block_size", "rope_theta", "num_heads", "num_kv_heads", "head_dim"):
-            if key in self.gate_options:
-                raise ValueError(f"gate options must not set {key!r}; it is the pattern's own argument")
+        # gate options may come from a saved config (untrusted): sizes are checked against this
+        # layer's dims before any gate is allocated
+        self.gate_options = _gate_options("gate", {} if gate is None else gate, self)
+        if not isinstance(decode_gate, (bool, dict)):
+            raise TypeError(f"decode_gate must be a bool or a dict of options, got {type(decode_gate).__name__}")
+        self.decode_gate_options: Optional[Dict[str, Any]] = (
+            _gate_options("decode_gate", decode_gate, self) if isinstance(decode_gate, dict)
+            else ({} if decode_gate else None))
         self.gate = SeerGate(num_heads, num_kv_heads, head_dim, block_size=block_size, rope_theta=rope_theta,
                              **self.gate_options)
-        if isinstance(decode_gate, dict):
-            self.decode_gate_options: Optional[Dict[str, Any]] = dict(decode_gate)
-        else:
-            self.decode_gate_options = {} if decode_gate else None
         self.decode_gate = None
         if self.decode_gate_options is not None:
             self.decode_gate = SeerDecodeGate(num_heads, num_kv_heads, head_dim, block_size=block_size,
@@ -118,7 +118,7 @@ class SeerPattern(AttentionPattern):
         options.setdefault("rope_theta", spec.rope_theta)
         if gates is None:
             return cls(spec.num_heads, spec.num_kv_heads, spec.head_dim, **options)
-        prefill, decode = _layer_gates(gates, spec.layer_idx)
+        prefill, decode = _layer_gates(gates, spec)
         cfg = prefill.get_config()
         for key in ("num_heads", "num_kv_heads", "head_dim"):
             if cfg[key] != getattr(spec, key):
@@ -226,14 +226,32 @@ def _previous_block_scores(logits: Tensor) -> Tensor:
     return shifted
 
 
-def _layer_gates(gates: Any, layer_idx: int):
-    """(prefill gate, decode gate or None) for one layer out of ``gates`` (see SeerPattern.from_spec)."""
+def _gate_options(name: str, options: Any, pattern: "SeerPattern") -> Dict[str, Any]:
+    """Extra gate kwargs, checked against the pattern's layer before anything is allocated:
+    a dict with string keys, none of the pattern's own arguments, sizes bounded by
+    :func:`~sparse_attn.patterns.seer.check_gate_options`."""
+    from ..patterns.seer import check_gate_options
+
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"{name} options must be a dict with string keys, got {type(options).__name__}")
+    for key in ("block_size", "rope_theta", "num_heads", "num_kv_heads", "head_dim"):
+        if key in options:
+            raise ValueError(f"{name} options must not set {key!r}; it is the pattern's own argument")
+    check_gate_options(options, num_heads=pattern.num_heads, num_kv_heads=pattern.num_kv_heads,
+                       head_dim=pattern.head_dim, where=f"{name} options")
+    return dict(options)
+
+
+def _layer_gates(gates: Any, spec: AttentionSpec):
+    """(prefill gate, decode gate or None) for one layer out of ``gates`` (see SeerPattern.from_spec);
+    a directory is loaded with the layer's dims checked before anything is allocated."""
     from ..patterns import SeerGate
 
+    layer_idx = spec.layer_idx
     if isinstance(gates, (str, os.PathLike)):
         from ..patterns.seer import load_gates
 
-        gates, _ = load_gates(gates)
+        gates, _ = load_gates(gates, model_dims=spec)
     entry = gates
     if isinstance(gates, nn.ModuleDict) and "prefill" not in gates:
         if str(layer_idx) not in gates:

@@ -5,8 +5,11 @@ Example::
     sparse-attn train-gates --model ./Llama-3.2-1B --data corpus.jsonl --steps 500 \\
         --seq-len 4096 --batch-size 2 --grad-accum 4 --out ./gates
 
-The gates land in ``--out`` (``gates.safetensors`` + ``gates_config.json``); load them with
-``apply_sparse_attention(model, method="seer", gates="./gates")``. Nothing is downloaded:
+The gates land in ``--out`` (``gates_config.json`` + the ``gates-<hash>.safetensors`` it names,
+written atomically); load them with ``apply_sparse_attention(model, method="seer", gates="./gates")``.
+With ``--save-every N`` checkpoints go to ``--out/checkpoints/step-NNNNNN/`` (complete or absent
+whenever the process dies; the newest ``--keep-checkpoints`` are kept) and ``--resume`` continues
+from the newest complete one. Nothing is downloaded:
 ``--model`` is a local directory (weights, config and, if present, a tokenizer; without one
 the text is fed as UTF-8 bytes, which only suits byte-level models).
 """
@@ -34,8 +37,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--threshold", type=float, default=2e-3, help="selection threshold stored with the gates")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N steps and at the end (0: no checkpoints; the gates are saved anyway)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (default 2)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in OUT/checkpoints")
     p.add_argument("--max-chars", type=int, default=None, help="read at most this many characters of text")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -48,6 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .. import _files
     from .data import ByteTokenizer
     from .trainer import train_gates
 
@@ -69,14 +76,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, args.data, steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
         grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         tokenizer=tokenizer, output_dir=args.out, save_every=args.save_every, resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints,
         max_chars=args.max_chars, seed=args.seed, progress=not args.no_progress,
         method_options={"block_size": args.block_size, "threshold": args.threshold},
     )
     hist = result["history"]
     summary = {"steps": len(hist), "first_loss": hist[0]["loss"] if hist else None,
                "last_loss": hist[-1]["loss"] if hist else None, "out": args.out}
-    with open(os.path.join(args.out, "train_log.json"), "w") as fh:
-        json.dump(hist, fh, indent=1)
+    _files.atomic_write(os.path.join(args.out, "train_log.json"), json.dumps(hist, indent=1).encode("utf-8"))
     print(json.dumps(summary))
     return 0
 

@@ -13,7 +13,18 @@ One optimisation step:
 3. AdamW, cosine schedule with linear warm-up, optional gradient accumulation.
 
 Gates are saved as safetensors + JSON (:func:`sparse_attn.patterns.seer.save_gates`), never
-pickle; checkpoints add the optimiser state (safetensors) and the step counter (JSON).
+pickle; checkpoints add the optimiser state (safetensors) and the step counter (JSON). Every
+checkpoint is a new directory that appears complete or not at all (see :func:`_save_checkpoint`)
+and is verified against its manifest on resume (:func:`_resume`)::
+
+    output_dir/gates_config.json, gates-<hash>.safetensors       the final gates
+    output_dir/checkpoints/step-000050/manifest.json              step, size + SHA-256 of each file
+                                       trainer_state.json         step, run config, history, optimiser scalars
+                                       optimizer.safetensors      optimiser tensors
+                                       gates_config.json, gates-<hash>.safetensors
+    output_dir/checkpoints/step-000100/...                        the newest ``keep_checkpoints`` (2)
+    output_dir/checkpoints/.tmp-step-000150-<random>/             a save in progress (or interrupted:
+                                                                  ignored, removed by the next save)
 """
 
 from __future__ import annotations
@@ -22,16 +33,20 @@ import contextlib
 import json
 import math
 import os
+import re
+import secrets
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from .. import _files
 from .data import ByteTokenizer, PackedSequences, read_documents, tokenize_documents
 
-__all__ = ["TrainConfig", "train_gates", "gate_modules", "cosine_schedule"]
+__all__ = ["TrainConfig", "train_gates", "gate_modules", "cosine_schedule", "CheckpointWarning", "CHECKPOINTS_DIR"]
 
 
 @dataclass
@@ -83,14 +98,54 @@ def _tokens(data, tokenizer, max_chars: Optional[int]) -> torch.Tensor:
     return tokenize_documents(read_documents(data, max_chars=max_chars), encode, eos)
 
 
-def _save_checkpoint(path: str, gates: nn.ModuleDict, opt: torch.optim.Optimizer, step: int,
-                     cfg: TrainConfig, history: List[Dict[str, float]], gate_config: Dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: output_dir/checkpoints/step-NNNNNN/, each complete or absent
+# --------------------------------------------------------------------------------------------------
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+_CKPT_FORMAT = "sparse_attn.checkpoint"
+_CKPT_VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d{6,12})")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_MAX_MANIFEST_BYTES = 1 << 20
+
+
+class CheckpointWarning(UserWarning):
+    """Resume skipped a damaged checkpoint and fell back to an earlier complete one."""
+
+
+def _checkpoint_dirs(root: str) -> List[Tuple[int, str]]:
+    """``(step, path)`` of the ``step-NNNNNN`` directories under ``root``, newest first. Directories
+    of interrupted saves (``.tmp-step-*``, ``.old-step-*``) and symbolic links are not listed."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m, path = _STEP_DIR.fullmatch(name), os.path.join(root, name)
+        if m and os.path.isdir(path) and not os.path.islink(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def _save_checkpoint(root: str, gates: nn.ModuleDict, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+                     history: List[Dict[str, float]], gate_config: Dict[str, Any], keep: int) -> str:
+    """Write the checkpoint ``root/step-<step>`` so that it is complete or absent; returns its path.
+
+    The files go into a new directory ``root/.tmp-step-<step>-<random>``: the gates
+    (:func:`~sparse_attn.patterns.seer.save_gates`), ``optimizer.safetensors``,
+    ``trainer_state.json`` (step, run config, history, optimiser scalars and param groups), then
+    ``manifest.json`` (format, step, each file's size and SHA-256, read back from disk), each
+    fsynced. The directory is fsynced and renamed to ``step-<step>`` -- the commit point (a
+    directory of that name left by an abandoned run is renamed aside first) -- and ``root`` is
+    fsynced. Only then are stale entries deleted: leftovers of interrupted saves, checkpoints of a
+    later step (an abandoned run, e.g. one found damaged on resume) and all but the newest ``keep``.
+    """
+    from safetensors.torch import save
 
     from ..patterns.seer import save_gates
 
-    os.makedirs(path, exist_ok=True)
-    save_gates(path, gates, gate_config)
     state = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in state["state"].items():
@@ -99,35 +154,139 @@ def _save_checkpoint(path: str, gates: nn.ModuleDict, opt: torch.optim.Optimizer
                 tensors[f"{pid}.{name}"] = val.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{name}"] = val
-    save_file(tensors, os.path.join(path, "optimizer.safetensors"))
-    with open(os.path.join(path, "trainer_state.json"), "w") as fh:
-        json.dump({"step": step, "config": asdict(cfg), "history": history, "optimizer_scalars": scalars,
-                   "param_groups": state["param_groups"]}, fh, indent=1)
+    meta = {"step": step, "config": asdict(cfg), "history": history, "optimizer_scalars": scalars,
+            "param_groups": state["param_groups"]}
+    _files.make_dirs(root)
+    tmp = _files.make_temp_dir(root, prefix=f".tmp-step-{step:06d}-")
+    save_gates(tmp, gates, gate_config)
+    _files.write_durable(os.path.join(tmp, OPTIMIZER_FILE), save(tensors))
+    _files.write_durable(os.path.join(tmp, TRAINER_STATE), json.dumps(meta, indent=1).encode("utf-8"))
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        with open(os.path.join(tmp, name), "rb") as fh:
+            data = fh.read()
+        files[name] = {"size": len(data), "sha256": _files.sha256_bytes(data)}
+    manifest = {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "step": step, "files": files}
+    _files.write_durable(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1).encode("utf-8"))
+    _files.fsync_dir(tmp)
+    final = os.path.join(root, f"step-{step:06d}")
+    if os.path.lexists(final):
+        _files.rename(final, os.path.join(root, f".old-step-{step:06d}-{secrets.token_hex(4)}"))
+    _files.rename(tmp, final)
+    _files.fsync_dir(root)
+    for name in os.listdir(root):
+        if name.startswith((".tmp-step-", ".old-step-")):
+            _files.rmtree(os.path.join(root, name))
+    kept = 0
+    for s, d in _checkpoint_dirs(root):
+        if s <= step and kept < keep:
+            kept += 1
+        else:
+            _files.rmtree(d)
+    return final
 
 
-def _load_checkpoint(path: str, gates: nn.ModuleDict, opt: torch.optim.Optimizer, cfg: TrainConfig):
-    from safetensors.torch import load_file
+def _read_checkpoint(path: str, step: int) -> Dict[str, Any]:
+    """Verify the checkpoint directory ``path`` (named for ``step``) and read it; changes nothing.
 
-    from ..patterns.seer import load_gates
+    Complete means: ``manifest.json`` is valid and lists ``trainer_state.json``,
+    ``optimizer.safetensors`` and the gates' JSON; every listed file has the listed size and
+    SHA-256; the gates load (:func:`~sparse_attn.patterns.seer.load_gates`, which checks the
+    weights against their own hash); and the step agrees in the directory name, the manifest,
+    ``trainer_state.json`` and the gates' config. Anything else raises a
+    :class:`~sparse_attn._files.CorruptFileError` (or an ``OSError``) naming the file.
+    """
+    from ..patterns.seer import GATES_CONFIG, load_gates
 
-    with open(os.path.join(path, "trainer_state.json")) as fh:
-        meta = json.load(fh)
-    for key in ("seq_len", "batch_size", "grad_accum", "block_size", "method", "seed"):
-        if meta["config"].get(key) != getattr(cfg, key):
-            raise ValueError(f"checkpoint {path!r} was made with {key}={meta['config'].get(key)!r}, "
-                             f"this run has {getattr(cfg, key)!r}")
-    loaded, _ = load_gates(path)
-    gates.load_state_dict(loaded.state_dict())
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    state: Dict[int, Dict[str, Any]] = {}
-    for key, val in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = val
-    for key, val in meta["optimizer_scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = val
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["step"]), list(meta["history"])
+    mfile = os.path.join(path, MANIFEST)
+    man = _files.read_json(mfile, max_bytes=_MAX_MANIFEST_BYTES)
+    if (not isinstance(man, dict) or set(man) != {"format", "version", "step", "files"}
+            or man["format"] != _CKPT_FORMAT or type(man["version"]) is not int or man["version"] != _CKPT_VERSION):
+        raise _files.CorruptFileError(mfile, f"is not a version-{_CKPT_VERSION} sparse_attn checkpoint manifest")
+    if type(man["step"]) is not int or man["step"] != step:
+        raise _files.CorruptFileError(mfile, f"is for step {str(man['step'])[:20]}, the directory for step {step}")
+    files = man["files"]
+    if not isinstance(files, dict) or not {TRAINER_STATE, OPTIMIZER_FILE, GATES_CONFIG} <= set(files):
+        raise _files.CorruptFileError(mfile, f"must list {TRAINER_STATE}, {OPTIMIZER_FILE} and {GATES_CONFIG}")
+    blobs: Dict[str, bytes] = {}
+    for name, entry in files.items():
+        if not _PLAIN_NAME.fullmatch(name) or ".." in name:
+            raise _files.CorruptFileError(mfile, f"lists a file name that is not plain: {name[:80]!r}")
+        if (not isinstance(entry, dict) or set(entry) != {"size", "sha256"} or type(entry["size"]) is not int
+                or not isinstance(entry["sha256"], str)):
+            raise _files.CorruptFileError(mfile, f"entry for {name!r} must be {{'size': int, 'sha256': str}}")
+        fpath = os.path.join(path, name)
+        if not os.path.isfile(fpath):
+            raise _files.CorruptFileError(fpath, f"is missing (listed in {MANIFEST})")
+        size = os.path.getsize(fpath)
+        if size != entry["size"]:
+            raise _files.CorruptFileError(fpath, f"is {size} bytes, {MANIFEST} says {entry['size']}")
+        data = _files.read_bytes(fpath, size)
+        if _files.sha256_bytes(data) != entry["sha256"]:
+            raise _files.CorruptFileError(fpath, f"content does not match its SHA-256 in {MANIFEST}")
+        if name in (TRAINER_STATE, OPTIMIZER_FILE):
+            blobs[name] = data
+    sfile = os.path.join(path, TRAINER_STATE)
+    meta = _files.parse_json(blobs[TRAINER_STATE], sfile, allow_nan=True)  # a diverged loss is NaN
+    types = {"step": int, "config": dict, "history": list, "optimizer_scalars": dict, "param_groups": list}
+    if not isinstance(meta, dict) or any(type(meta.get(k)) is not t for k, t in types.items()):
+        want = ", ".join(f"{k}: {t.__name__}" for k, t in types.items())
+        raise _files.CorruptFileError(sfile, f"must be an object with {want}")
+    if meta["step"] != step:
+        raise _files.CorruptFileError(sfile, f"is for step {meta['step']}, the checkpoint for step {step}")
+    gates, gate_config = load_gates(path)
+    if gate_config.get("trained_steps") != step:
+        raise _files.CorruptFileError(os.path.join(path, GATES_CONFIG), f"is for step "
+                                      f"{str(gate_config.get('trained_steps'))[:20]}, the checkpoint for step {step}")
+    ofile = os.path.join(path, OPTIMIZER_FILE)
+    opt_state: Dict[int, Dict[str, Any]] = {}
+    tensors = _files.load_safetensors(blobs[OPTIMIZER_FILE], ofile)
+    for key, val in [*tensors.items(), *meta["optimizer_scalars"].items()]:
+        pid, _, name = key.partition(".")
+        if not (pid.isascii() and pid.isdigit() and name):
+            raise _files.CorruptFileError(ofile, f"optimizer state key {key[:60]!r} is not '<param id>.<name>'")
+        opt_state.setdefault(int(pid), {})[name] = val
+    return {"step": step, "config": meta["config"], "history": meta["history"], "gates": gates,
+            "optimizer": {"state": opt_state, "param_groups": meta["param_groups"]}}
+
+
+def _resume(root: str, gates: nn.ModuleDict, opt: torch.optim.Optimizer, cfg: TrainConfig
+            ) -> Tuple[int, List[Dict[str, float]]]:
+    """Load the newest complete checkpoint under ``root`` into ``gates`` and ``opt``; returns
+    ``(step, history)``.
+
+    A damaged newest checkpoint falls back to the one before it, with a :class:`CheckpointWarning`
+    naming what was wrong -- never to a mix of files of different checkpoints. No checkpoint: a
+    ``FileNotFoundError``; none complete: a ``CorruptFileError`` naming ``root`` and each problem; a
+    complete one made with other settings (``seq_len``, ``batch_size``, ...): a ``ValueError``.
+    """
+    found = _checkpoint_dirs(root)
+    if not found:
+        legacy = os.path.join(os.path.dirname(root), "checkpoint")
+        hint = (f"; {legacy} is a checkpoint of an older sparse_attn without a manifest, which cannot be "
+                "verified: resume it with that version, or train again") if os.path.isdir(legacy) else ""
+        raise FileNotFoundError(f"resume=True but there is no checkpoint under {root!r}{hint}")
+    damaged: List[str] = []
+    for step, path in found:
+        try:
+            ck = _read_checkpoint(path, step)
+        except (_files.CorruptFileError, OSError) as e:
+            damaged.append(str(e))
+            continue
+        if damaged:
+            warnings.warn(f"skipped damaged checkpoint(s): {'; '.join(damaged)}; resuming from {path}",
+                          CheckpointWarning, stacklevel=3)
+        for key in ("seq_len", "batch_size", "grad_accum", "block_size", "method", "seed"):
+            if ck["config"].get(key) != getattr(cfg, key):
+                raise ValueError(f"checkpoint {path!r} was made with {key}={ck['config'].get(key)!r}, "
+                                 f"this run has {getattr(cfg, key)!r}")
+        try:
+            gates.load_state_dict(ck["gates"].state_dict())
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint {path!r} does not fit this run's gates / optimiser: {e}") from None
+        return step, list(ck["history"])
+    raise _files.CorruptFileError(root, f"no complete checkpoint to resume from: {'; '.join(damaged)}")
 
 
 def train_gates(
@@ -147,6 +306,7 @@ def train_gates(
     output_dir: Optional[str] = None,
     save_every: int = 0,
     resume: bool = False,
+    keep_checkpoints: int = 2,
     max_chars: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
@@ -164,8 +324,15 @@ def train_gates(
         lr, weight_decay, max_grad_norm: AdamW settings and gradient clipping.
         warmup_steps: linear warm-up (default ``max(1, steps // 20)``), then cosine to 0.1 x lr.
         tokenizer: an HF tokenizer, or None for UTF-8 bytes (:class:`ByteTokenizer`).
-        output_dir: where gates (and checkpoints) go; ``save_every > 0`` checkpoints every that
-            many steps into ``output_dir/checkpoint``; ``resume=True`` continues from there.
+        output_dir: where the gates go (:func:`~sparse_attn.patterns.seer.save_gates`, written
+            atomically at the end) and, with ``save_every > 0``, checkpoints: every that many steps
+            and at the end into ``output_dir/checkpoints/step-NNNNNN/`` (gates, optimiser state,
+            step and history, a manifest of sizes and SHA-256s), each one complete or absent
+            whenever the process dies; the newest ``keep_checkpoints`` are kept. A fresh run
+            refuses an ``output_dir`` that already holds checkpoints (``FileExistsError``).
+        resume: continue from the newest complete checkpoint (verified against its manifest; a
+            damaged one falls back to the one before with a :class:`CheckpointWarning`). The
+            resumed run ends with the same gates as an uninterrupted one.
         max_chars: read at most this many characters of text.
         progress: a tqdm bar with loss, tokens/s and ETA.
         method_options: extra options for ``apply_sparse_attention`` when gates are attached.
@@ -182,9 +349,12 @@ def train_gates(
     """
     if method != "seer":
         raise ValueError(f"method must be 'seer' (the only trainable pattern so far), got {method!r}")
-    for name, val in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+    for name, val in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum),
+                      ("keep_checkpoints", keep_checkpoints)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
+        raise ValueError(f"save_every must be an int >= 0, got {save_every!r}")
     cfg = TrainConfig(method=method, steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
                       grad_accum=grad_accum, warmup_steps=max(1, steps // 20) if warmup_steps is None else warmup_steps,
                       weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
@@ -212,12 +382,16 @@ def train_gates(
     gate_config = {"method": "seer", "trained_steps": 0, "seq_len": seq_len,
                    "options": dict(getattr(model.config, "sparse_attention", {}) or {})}
 
-    ckpt = os.path.join(output_dir, "checkpoint") if output_dir else None
+    ckpt = os.path.join(output_dir, CHECKPOINTS_DIR) if output_dir else None
     start, history = 0, []
     if resume:
-        if not ckpt or not os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
-            raise FileNotFoundError(f"resume=True but there is no checkpoint under {ckpt!r}")
-        start, history = _load_checkpoint(ckpt, gates, opt, cfg)
+        if not ckpt:
+            raise FileNotFoundError("resume=True needs the output_dir whose checkpoints to continue from")
+        start, history = _resume(ckpt, gates, opt, cfg)
+    elif ckpt and save_every and _checkpoint_dirs(ckpt):
+        raise FileExistsError(f"{ckpt} holds checkpoints of an earlier run (newest: step "
+                              f"{_checkpoint_dirs(ckpt)[0][0]}); pass resume=True to continue it, or delete the "
+                              "directory to start over")
     # the learning rate of step s is lr * cosine_schedule(s): a resumed run picks up at `start`
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, cfg), last_epoch=start - 1)
 
@@ -262,7 +436,8 @@ def train_gates(
                 bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
             if ckpt and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-                _save_checkpoint(ckpt, gates, opt, step + 1, cfg, history, {**gate_config, "trained_steps": step + 1})
+                _save_checkpoint(ckpt, gates, opt, step + 1, cfg, history, {**gate_config, "trained_steps": step + 1},
+                                 keep_checkpoints)
     finally:
         for m in patterns:
             m.distill = False
@@ -277,5 +452,6 @@ def train_gates(
 
         save_gates(output_dir, gates, {**gate_config, "trained_steps": steps})
         if ckpt and save_every:
-            _save_checkpoint(ckpt, gates, opt, steps, cfg, history, {**gate_config, "trained_steps": steps})
+            _save_checkpoint(ckpt, gates, opt, steps, cfg, history, {**gate_config, "trained_steps": steps},
+                             keep_checkpoints)
     return {"history": history, "gates": gates, "output_dir": output_dir}
