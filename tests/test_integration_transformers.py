@@ -468,3 +468,34 @@ def test_cuda_bf16_error_at_most_twice_sdpas(base, method, opts):
     assert err_ours <= 2 * err_sdpa + 1e-2, (err_ours, err_sdpa)
     out = ours.generate(ids[:, :100].cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 108)
+
+
+@pytest.mark.parametrize("method,opts", [("s2", dict(block_size=16, local_blocks=1, vert_stride=2)),
+                                         ("seer", dict(block_size=16, topk=1))])
+def test_the_callers_config_is_left_alone(method, opts, tmp_path):
+    """apply_sparse_attention changes the model, not the config object it was built from: a model
+    built later from that object is a plain model (no patterns, same weights under the same seed)."""
+    cfg = _config()
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(cfg).eval()
+    before = cfg.to_dict()
+    torch.manual_seed(0)
+    patched = apply_sparse_attention(LlamaForCausalLM(cfg).eval(), method, **opts)
+    assert cfg.to_dict() == before and not hasattr(cfg, "sparse_attention")
+    assert patched.config is not cfg and patched.config.sparse_attention["method"] == method
+    # every submodule that shared the config follows the model's own copy
+    assert all(m.config is patched.config for m in patched.modules() if "config" in m.__dict__)
+    torch.manual_seed(0)
+    later = LlamaForCausalLM(cfg).eval()
+    assert not any(hasattr(m, "sparse_pattern") for m in later.modules())
+    for (name, a), b in zip(plain.state_dict().items(), later.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = _ids(1, 40)
+    with torch.no_grad():
+        assert torch.equal(later(ids).logits, plain(ids).logits)
+        sparse = patched(ids).logits
+    assert not torch.allclose(sparse, plain(ids).logits, atol=1e-4)  # the patched one is sparse
+    patched.save_pretrained(tmp_path)  # its own config travels with it
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparse_attn").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, sparse)

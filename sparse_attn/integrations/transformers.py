@@ -56,6 +56,7 @@ Which path runs (K/V arrive un-repeated ``[B, Hkv, Sk, D]``; GQA goes straight t
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -422,11 +423,31 @@ def apply_sparse_attention(
                  (_spec(model, idx, m) for idx, m in attn_layers if layers is None or idx in layers)}
         dims = dict(zip(("num_heads", "num_kv_heads", "head_dim"), specs.pop())) if len(specs) == 1 else None
         options["gates"], _ = load_gates(gates, model_dims=dims)
+    _own_config(model)  # before the patterns: their hooks keep the model's config
     resolved = _attach_patterns(model, attn_layers, method, options, layers)
     model.config.sparse_attention = {"method": method, "options": resolved, "layers": layers,
                                      "version": _CONFIG_VERSION}
     _switch(model)
     return model
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` (and each submodule sharing it) a private copy of its config before it is
+    changed: a transformers model keeps the config object it was built from, so writing into it
+    would switch every other model built from that object (now or later) to sparse attention."""
+    if getattr(model, "_sparse_attn_own_config", None) is model.config:
+        return
+    old = model.config
+    new = copy.deepcopy(old)
+    swap = {id(old): new}
+    for name, value in vars(old).items():  # sub-configs (e.g. text_config) shared by submodules
+        if type(value).__name__.endswith("Config") and hasattr(value, "to_dict"):
+            swap[id(value)] = getattr(new, name)
+    for module in model.modules():
+        cfg = module.__dict__.get("config")
+        if cfg is not None and id(cfg) in swap:
+            module.config = swap[id(cfg)]
+    model._sparse_attn_own_config = model.config
 
 
 def _switch(model: nn.Module) -> None:
