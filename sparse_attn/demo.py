@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import BlockSparseLayout, sparse_attention
-from .ops import _resolve_backend
+from .ops import resolve_backend
 
 
 def sample_block_mask(num_blocks: int, stride: int, local: int, device) -> torch.Tensor:
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.synchronize()
     build_ms = (time.perf_counter() - t0) * 1e3
-    backend = _resolve_backend("auto", device)
+    backend = resolve_backend("auto", device)
 
     out = sparse_attention(q, k, v, layout, causal=True)
 

@@ -44,7 +44,7 @@ def _as_int(value, name: str) -> int:
     return int(value)
 
 
-def _parse_block_size(block_size: BlockSize) -> Tuple[int, int]:
+def parse_block_size(block_size: BlockSize) -> Tuple[int, int]:
     if isinstance(block_size, numbers.Integral) and not isinstance(block_size, bool):
         pair = (int(block_size), int(block_size))
     else:
@@ -60,20 +60,20 @@ def _parse_block_size(block_size: BlockSize) -> Tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _ceil_div(a: int, b: int) -> int:
+def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _seq_lengths(seq_q, seq_k, bq: int, bk: int, mq: int, mk: int, what: str) -> Tuple[int, int]:
+def seq_lengths(seq_q, seq_k, bq: int, bk: int, mq: int, mk: int, what: str) -> Tuple[int, int]:
     """Sequence lengths (default: whole blocks), checked against the ``mq x mk`` block grid."""
     seq_q = mq * bq if seq_q is None else _as_int(seq_q, "seq_q")
     seq_k = mk * bk if seq_k is None else _as_int(seq_k, "seq_k")
     if seq_q < 0 or seq_k < 0:
         raise ValueError(f"seq_q and seq_k must be >= 0, got seq_q={seq_q}, seq_k={seq_k}")
-    if _ceil_div(seq_q, bq) != mq:
-        raise ValueError(f"seq_q={seq_q} needs {_ceil_div(seq_q, bq)} query blocks of {bq}, {what} has Mq={mq}")
-    if _ceil_div(seq_k, bk) != mk:
-        raise ValueError(f"seq_k={seq_k} needs {_ceil_div(seq_k, bk)} key blocks of {bk}, {what} has Mk={mk}")
+    if ceil_div(seq_q, bq) != mq:
+        raise ValueError(f"seq_q={seq_q} needs {ceil_div(seq_q, bq)} query blocks of {bq}, {what} has Mq={mq}")
+    if ceil_div(seq_k, bk) != mk:
+        raise ValueError(f"seq_k={seq_k} needs {ceil_div(seq_k, bk)} key blocks of {bk}, {what} has Mk={mk}")
     return seq_q, seq_k
 
 
@@ -88,7 +88,7 @@ def compress_block_mask(block_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return num.contiguous(), idx.contiguous()
 
 
-def _expand(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+def rows_to_mask(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(counts [..., M], indices [..., M, K]) -> bool mask [..., M, n_cols].
 
     Padding slots (position >= count) are ignored whatever they hold, and so is an index outside
@@ -160,17 +160,17 @@ class BlockSparseLayout:
             )
         if kv_idx.device != kv_num.device:
             raise ValueError(f"kv_num and kv_idx must be on one device, got {kv_num.device} and {kv_idx.device}")
-        bq, bk = _parse_block_size(block_size)
+        bq, bk = parse_block_size(block_size)
         mq = kv_num.shape[2]
         if num_key_blocks is None:
-            num_key_blocks = _ceil_div(seq_k, bk) if seq_k is not None else kv_idx.shape[3]
+            num_key_blocks = ceil_div(seq_k, bk) if seq_k is not None else kv_idx.shape[3]
         mk = int(num_key_blocks)
-        seq_q, seq_k = _seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "layout")
+        seq_q, seq_k = seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "layout")
         if kv_idx.shape[3] > mk:
             raise ValueError(f"kv_idx has {kv_idx.shape[3]} slots per row but there are only Mk={mk} key blocks")
         if validate:
             _validate_rows(kv_num, kv_idx, mk)
-        block_mask = _expand(kv_num, kv_idx, mk)
+        block_mask = rows_to_mask(kv_num, kv_idx, mk)
         self._init(block_mask, (bq, bk), seq_q, seq_k)
 
     # -- construction -------------------------------------------------------------------------
@@ -239,9 +239,9 @@ class BlockSparseLayout:
                 raise ValueError("an integer block_mask must hold only 0 and 1 (pass a bool mask for other "
                                  "encodings, e.g. mask != 0)")
             block_mask = block_mask != 0
-        bq, bk = _parse_block_size(block_size)
+        bq, bk = parse_block_size(block_size)
         mq, mk = block_mask.shape[2], block_mask.shape[3]
-        seq_q, seq_k = _seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "block_mask")
+        seq_q, seq_k = seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "block_mask")
         layout = cls.__new__(cls)
         layout._init(block_mask, (bq, bk), seq_q, seq_k)
         return layout
@@ -272,7 +272,7 @@ class BlockSparseLayout:
         layout.block_size = (int(block_size[0]), int(block_size[1]))
         layout.seq_q, layout.seq_k = int(seq_q), int(seq_k)
         layout.kv_num, layout.kv_idx = kv_num.contiguous(), kv_idx.contiguous()
-        layout._mk = _ceil_div(layout.seq_k, layout.block_size[1])
+        layout._mk = ceil_div(layout.seq_k, layout.block_size[1])
         layout._q = None if q_num is None else (q_num.contiguous(), q_idx.contiguous())
         layout._q_builder = q_builder
         return layout
@@ -286,15 +286,15 @@ class BlockSparseLayout:
         device: Optional[torch.device] = None,
     ) -> "BlockSparseLayout":
         """A layout that keeps every block (useful to compare against dense kernels)."""
-        bq, bk = _parse_block_size(block_size)
+        bq, bk = parse_block_size(block_size)
         seq_q, seq_k = _as_int(seq_q, "seq_q"), _as_int(seq_k, "seq_k")  # negatives: from_block_mask says so
-        mask = torch.ones(1, 1, _ceil_div(seq_q, bq), _ceil_div(seq_k, bk), dtype=torch.bool, device=device)
+        mask = torch.ones(1, 1, ceil_div(seq_q, bq), ceil_div(seq_k, bk), dtype=torch.bool, device=device)
         return cls.from_block_mask(mask, (bq, bk), seq_q, seq_k)
 
     # -- views -------------------------------------------------------------------------------
     def to_block_mask(self) -> torch.Tensor:
         """The boolean block mask ``[Bl, Hl, Mq, Mk]`` this layout was built from."""
-        return _expand(self.kv_num, self.kv_idx, self.num_key_blocks)
+        return rows_to_mask(self.kv_num, self.kv_idx, self.num_key_blocks)
 
     @property
     def num_query_blocks(self) -> int:
@@ -355,7 +355,7 @@ class BlockSparseLayout:
         if self._q is not None:
             q_num, q_idx = self._q
             _validate_rows(q_num, q_idx, self.num_query_blocks)
-            if not torch.equal(_expand(q_num, q_idx, self.num_query_blocks).transpose(-1, -2), self.to_block_mask()):
+            if not torch.equal(rows_to_mask(q_num, q_idx, self.num_query_blocks).transpose(-1, -2), self.to_block_mask()):
                 raise ValueError("the layout's row form and transposed form describe different masks")
 
     # -- composition and a quick look -----------------------------------------------------------
@@ -401,7 +401,7 @@ class BlockSparseLayout:
             raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
         mask = self.to_block_mask().cpu()
         bl, hl, mq, mk = mask.shape
-        gq, gk = _ceil_div(mq, max_blocks), _ceil_div(mk, max_blocks)
+        gq, gk = ceil_div(mq, max_blocks), ceil_div(mk, max_blocks)
         lines = [f"{type(self).__name__}(shape={self.shape}, block_size={self.block_size}, seq_q={self.seq_q}, "
                  f"seq_k={self.seq_k}, density={self.density:.3f})"]
         shown = 0
@@ -412,8 +412,8 @@ class BlockSparseLayout:
                     return "\n".join(lines)
                 shown += 1
                 m = mask[b, h].to(torch.int32)
-                pad = (0, _ceil_div(mk, gk) * gk - mk, 0, _ceil_div(mq, gq) * gq - mq)
-                cells = torch.nn.functional.pad(m, pad).view(_ceil_div(mq, gq), gq, _ceil_div(mk, gk), gk)
+                pad = (0, ceil_div(mk, gk) * gk - mk, 0, ceil_div(mq, gq) * gq - mq)
+                cells = torch.nn.functional.pad(m, pad).view(ceil_div(mq, gq), gq, ceil_div(mk, gk), gk)
                 kept = cells.sum((1, 3))
                 real = torch.nn.functional.pad(torch.ones_like(m), pad).view_as(cells).sum((1, 3))
                 chars = {0: "."}
@@ -443,3 +443,8 @@ def _validate_rows(kv_num: torch.Tensor, kv_idx: torch.Tensor, mk: int) -> None:
         rising = kv_idx[..., 1:] > kv_idx[..., :-1]
         if bool((valid[..., 1:] & ~rising).any()):
             raise ValueError("kv_idx must be strictly ascending within the first kv_num slots of each row")
+
+
+# Names the pattern modules of an earlier layout of the package imported (kept until every module
+# uses the public ones above).
+_ceil_div = ceil_div

@@ -18,7 +18,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .layout import BlockSparseLayout, _ceil_div, _expand
+from .layout import BlockSparseLayout, ceil_div, rows_to_mask
 from .reference import reference_backward, reference_forward
 
 __all__ = ["sparse_attention", "BACKENDS", "available_backends"]
@@ -59,7 +59,7 @@ def available_backends(device: Union[str, torch.device] = "cuda") -> Tuple[str, 
     return tuple(out)
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -82,6 +82,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_resolve_backend = resolve_backend  # the earlier name (kept until every module uses the public one)
+
+
 def _triton_module(name: str):
     return importlib.import_module(f"sparse_attn.triton_kernels.{name}")
 
@@ -94,7 +97,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _block_mask(kv_num: Optional[Tensor], kv_idx: Optional[Tensor], seq_k: int, block_k: int):
-    return None if kv_num is None else _expand(kv_num, kv_idx, _ceil_div(seq_k, block_k))
+    return None if kv_num is None else rows_to_mask(kv_num, kv_idx, ceil_div(seq_k, block_k))
 
 
 @torch.library.custom_op("sparse_attn::sparse_attention", mutates_args=())
@@ -111,19 +114,28 @@ def _sparse_attention_op(
     causal: bool,
     scale: float,
     backend: str,
-) -> Tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(out, lse, stats)``: ``stats`` is what the backend's backward needs besides ``lse``
+    (Triton: ``[B, Hq, Sq, 2]`` fp32 row max and log2 row sum; the reference: an empty tensor)."""
     if backend == "triton":
         return _triton_module("block_sparse_fwd").block_sparse_attn_fwd(
             q, k, v, kv_num, kv_idx, block_q, block_k, causal, scale
         )
-    return reference_forward(q, k, v, _block_mask(kv_num, kv_idx, k.shape[2], block_k), (block_q, block_k), causal,
-                             scale)
+    out, lse = reference_forward(q, k, v, _block_mask(kv_num, kv_idx, k.shape[2], block_k), (block_q, block_k),
+                                 causal, scale)
+    return out, lse, lse.new_empty(0)
+
+
+def _stats_shape(q: Tensor, backend: str) -> Tuple[int, ...]:
+    return (*q.shape[:3], 2) if backend == "triton" else (0,)
 
 
 @_sparse_attention_op.register_fake
 def _(q, k, v, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale, backend):
     b, hq, sq, d = q.shape
-    return q.new_empty(b, hq, sq, d), q.new_empty((b, hq, sq), dtype=_lse_dtype(q.dtype))
+    lse_dtype = _lse_dtype(q.dtype)
+    return (q.new_empty(b, hq, sq, d), q.new_empty((b, hq, sq), dtype=lse_dtype),
+            q.new_empty(_stats_shape(q, backend), dtype=torch.float32 if backend == "triton" else lse_dtype))
 
 
 @torch.library.custom_op("sparse_attn::sparse_attention_backward", mutates_args=())
@@ -135,6 +147,7 @@ def _sparse_attention_backward_op(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
+    stats: Tensor,
     kv_num: Optional[Tensor],
     kv_idx: Optional[Tensor],
     q_num: Optional[Tensor],
@@ -147,7 +160,7 @@ def _sparse_attention_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
         return _triton_module("block_sparse_bwd").block_sparse_attn_bwd(
-            dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale
+            dout, dlse, q, k, v, out, lse, stats, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale
         )
     return reference_backward(
         dout, dlse, q, k, v, lse, _block_mask(kv_num, kv_idx, k.shape[2], block_k), (block_q, block_k), causal, scale
@@ -155,24 +168,25 @@ def _sparse_attention_backward_op(
 
 
 @_sparse_attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale, backend):
+def _(dout, dlse, q, k, v, out, lse, stats, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale,
+      backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx)
+    out, lse, stats = output
+    ctx.save_for_backward(q, k, v, out, lse, stats, kv_num, kv_idx, q_num, q_idx)
     ctx.args = (block_q, block_k, causal, scale, backend)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx = ctx.saved_tensors
+def _backward(ctx, dout, dlse, _dstats):
+    q, k, v, out, lse, stats, kv_num, kv_idx, q_num, q_idx = ctx.saved_tensors
     if kv_num is not None and q_num is None:  # the forward saw no input needing a gradient
         raise RuntimeError("sparse_attention: backward through a call made without gradients "
                            "(the layout's transposed form was not passed); rerun it with grad enabled")
     dq, dk, dv = _sparse_attention_backward_op(
-        dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, *ctx.args
+        dout, dlse, q, k, v, out, lse, stats, kv_num, kv_idx, q_num, q_idx, *ctx.args
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
@@ -247,9 +261,9 @@ def _check_layout(layout, q: Tensor, k: Tensor) -> None:
         raise ValueError(
             f"layout was built for seq_q={layout.seq_q}, seq_k={layout.seq_k} but q/k have Sq={sq}, Sk={sk}{hint}"
         )
-    if mq != _ceil_div(sq, bq) or mk != _ceil_div(sk, bk):
+    if mq != ceil_div(sq, bq) or mk != ceil_div(sk, bk):
         raise ValueError(f"layout has {mq}x{mk} blocks; Sq={sq}, Sk={sk} with blocks {bq}x{bk} need "
-                         f"{_ceil_div(sq, bq)}x{_ceil_div(sk, bk)}")
+                         f"{ceil_div(sq, bq)}x{ceil_div(sk, bk)}")
     if bl not in (1, b):
         raise ValueError(f"layout batch dim must be 1 or B={b}, got {bl}")
     if hl not in (1, hkv, hq):
@@ -306,7 +320,7 @@ def sparse_attention(
     """
     if not isinstance(q, Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    resolved = _resolve_backend(backend, q.device)
+    resolved = resolve_backend(backend, q.device)
     check_qkv(q, k, v, resolved)
     if layout is not None:
         _check_layout(layout, q, k)
@@ -336,5 +350,5 @@ def sparse_attention(
         q_side = (layout.q_num, layout.q_idx) if needs_grad else (None, None)
         tensors = (layout.kv_num, layout.kv_idx, *q_side)
         block_q, block_k = layout.block_size
-    out, lse = _sparse_attention_op(q, k, v, *tensors, block_q, block_k, causal, float(scale), resolved)
+    out, lse, _ = _sparse_attention_op(q, k, v, *tensors, block_q, block_k, causal, float(scale), resolved)
     return (out, lse) if return_lse else out

@@ -72,7 +72,7 @@ def _allowed(
     return allowed
 
 
-def _expand_kv(t: torch.Tensor, hq: int, dtype: torch.dtype) -> torch.Tensor:
+def expand_kv(t: torch.Tensor, hq: int, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).repeat_interleave(hq // t.shape[1], dim=1)
 
 
@@ -138,7 +138,7 @@ def reference_forward(
     sk = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     acc = _acc_dtype(q.dtype)
-    kf, vf = _expand_kv(k, hq, acc), _expand_kv(v, hq, acc)
+    kf, vf = expand_kv(k, hq, acc), expand_kv(v, hq, acc)
     out = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=acc, device=q.device)
     step = _chunk_rows(b, hq, sq, sk, chunk_size)
@@ -174,7 +174,7 @@ def reference_backward(
     hkv, sk = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     acc = _acc_dtype(q.dtype)
-    kf, vf = _expand_kv(k, hq, acc), _expand_kv(v, hq, acc)
+    kf, vf = expand_kv(k, hq, acc), expand_kv(v, hq, acc)
     dq = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
     dk = torch.zeros(b, hq, sk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b, hq, sk, d, dtype=acc, device=q.device)

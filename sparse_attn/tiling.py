@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .layout import _ceil_div
+from .layout import ceil_div
 
 __all__ = ["TilePlan", "build_plan", "full_bits", "kept_pairs", "computed_pairs", "work_ratio"]
 
@@ -105,7 +105,7 @@ def build_plan(
     if r == 1 and c == 1:
         return TilePlan(num.contiguous(), idx.contiguous(), None, unit_rows, unit_cols, 1, 1)
     bl, hl, m, k = idx.shape
-    u = _ceil_div(m, r)
+    u = ceil_div(m, r)
     pad = u * r - m
     valid = torch.arange(k, device=idx.device, dtype=torch.int32) < num.unsqueeze(-1)  # [Bl, Hl, M, K]
     col = idx.to(torch.int64)
@@ -114,7 +114,7 @@ def build_plan(
         valid = torch.nn.functional.pad(valid, (0, 0, 0, pad))
     sub_row = torch.arange(u * r, device=idx.device).remainder(r).view(1, 1, u * r, 1)
     bit = torch.ones((), dtype=torch.int64, device=idx.device) << (sub_row * c + col.remainder(c))  # [.., U*R, K]
-    n_ucols = _ceil_div(n_cols, c)
+    n_ucols = ceil_div(n_cols, c)
     ucol = torch.where(valid, col // c, n_ucols)  # invalid slots sort last (sentinel n_ucols)
     ucol, bit = ucol.view(bl, hl, u, r * k), bit.expand_as(ucol).reshape(bl, hl, u, r * k)
     ucol, order = torch.sort(ucol, dim=-1)
@@ -148,7 +148,7 @@ def kept_pairs(num: torch.Tensor, idx: torch.Tensor, block_rows: int, block_cols
     """Element pairs inside the kept blocks, per ``[Bl, Hl]`` (int64), clipped to the ends."""
     m, k = idx.shape[-2], idx.shape[-1]
     rows = _span(n_rows, block_rows, m, idx.device)  # [M]
-    cols = _span(n_cols, block_cols, _ceil_div(n_cols, block_cols), idx.device)  # [Mk]
+    cols = _span(n_cols, block_cols, ceil_div(n_cols, block_cols), idx.device)  # [Mk]
     valid = torch.arange(k, device=idx.device) < num.unsqueeze(-1)
     width = torch.where(valid, cols[idx.long().clamp(0, cols.numel() - 1)], 0).sum(-1)  # [Bl, Hl, M]
     return (width * rows).sum(-1)

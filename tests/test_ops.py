@@ -111,7 +111,7 @@ def test_auto_on_cpu_is_reference_and_triton_needs_interpreter(monkeypatch):
     import sparse_attn.ops as ops
 
     assert "reference" in available_backends("cpu")
-    assert ops._resolve_backend("auto", torch.device("cpu")) == "reference"
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
     monkeypatch.setattr(ops, "_INTERPRET", False)
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
@@ -141,8 +141,11 @@ def test_zero_length_sequences():
 def test_op_is_registered_with_fake():
     op = torch.ops.sparse_attn.sparse_attention.default
     q, k, v = (t.to("meta") for t in _qkv(torch.bfloat16))
-    out, lse = op(q, k, v, None, None, None, None, 64, 64, True, 0.1, "reference")
+    out, lse, stats = op(q, k, v, None, None, None, None, 64, 64, True, 0.1, "reference")
     assert out.shape == q.shape and out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert stats.shape == (0,)  # the reference's backward needs nothing besides lse
+    _, _, stats = op(q, k, v, None, None, None, None, 64, 64, True, 0.1, "triton")
+    assert stats.shape == (*q.shape[:3], 2) and stats.dtype == torch.float32  # row max and log2 sum
     torch.library.opcheck(
         torch.ops.sparse_attn.sparse_attention.default,
         tuple(t.requires_grad_(True) for t in _qkv()) + (None, None, None, None, 64, 64, True, 0.2, "reference"),

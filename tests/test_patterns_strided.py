@@ -227,3 +227,36 @@ def test_cache_under_threads(small_cache):
         assert torch.equal(layout.to_block_mask(), rule_mask(4, seq, seq, 16, 2, stride))
     info = small_cache.info()
     assert info["entries"] >= 1 and info["bytes"] <= info["max_bytes"]  # sizes differ by stride: no fixed count
+
+
+def test_one_s2_config_serves_every_entry_point():
+    """S2Config is the one home of the S2 options: strided, S2KVCache and S2Pattern take it (or its
+    fields as keywords, validated by it), it round-trips through JSON, and mixing the two is refused."""
+    import json
+
+    from sparse_attn.modules import S2Pattern
+    from sparse_attn.patterns import S2KVCache
+    from sparse_attn.patterns.s2 import S2Config
+
+    cfg = S2Config(block_size=16, local_blocks=2, vert_stride=4, head_sliding_offset=1)
+    assert S2Config(**json.loads(json.dumps(cfg.to_dict()))) == cfg and hash(cfg) == hash(S2Config(**cfg.to_dict()))
+    with pytest.raises(Exception):
+        cfg.vert_stride = 3  # frozen
+    by_kw = strided(4, 100, block_size=16, local_blocks=2, vert_stride=4, head_sliding_offset=1)
+    assert torch.equal(strided(4, 100, config=cfg).to_block_mask(), by_kw.to_block_mask())
+    with pytest.raises(TypeError, match="not both"):
+        strided(4, 100, config=cfg, vert_stride=5)  # (a keyword equal to its default is not detectable)
+    with pytest.raises(TypeError, match="unknown S2 option"):
+        S2KVCache(1, 2, 16, max_seq_len=64, vertical_stride=4)
+    cache = S2KVCache(1, 2, 16, max_seq_len=64, config=cfg)
+    assert cache.config == cfg and cache.block_size == 16
+    assert S2KVCache.kept_blocks(64, 2, config=cfg) == S2KVCache.kept_blocks(64, 2, **cfg.to_dict())
+    pat = S2Pattern(2, config=cfg)
+    assert pat.s2_config == cfg and S2Pattern(2, **cfg.to_dict()).s2_config == cfg
+    for bad, exc in ((dict(vert_stride=0), ValueError), (dict(block_size=48), ValueError),
+                     (dict(local_blocks="2"), TypeError), (dict(homo_head=1), TypeError),
+                     (dict(kv_start_position=8), ValueError), (dict(vert_position_type="rel"), ValueError)):
+        with pytest.raises(exc):
+            S2Config(**bad)
+    with pytest.raises(ValueError, match="causal"):  # the drop-in and the cache are causal
+        S2Pattern(2, local_blocks=(2, 1))

@@ -238,15 +238,15 @@ def _cache(**kw):
 
 
 @pytest.mark.parametrize("kw,exc,msg", [
-    (dict(local_blocks=0), ValueError, "local_blocks must be >= 1"),
+    (dict(local_blocks=0), ValueError, "local_blocks to be an int >= 1"),
     (dict(block_size=48), ValueError, "block_size must be one of"),
     (dict(num_dense_heads=3), ValueError, "num_dense_heads must lie"),
     (dict(vert_stride=1.5), TypeError, "vert_stride must be an int"),
     (dict(dtype=torch.int32), TypeError, "dtype must be a floating-point"),
     (dict(max_seq_len=0), ValueError, "max_seq_len must be >= 1"),
-    (dict(num_query_heads=3), ValueError, "num_query_heads must be a multiple of num_kv_heads=2"),
+    (dict(num_query_heads=3), ValueError, "num_query_heads must be a positive multiple of num_heads=2"),
     (dict(num_query_heads=4.0), TypeError, "num_query_heads must be an int"),
-    (dict(num_query_heads=0), ValueError, "num_query_heads must be >= 1"),
+    (dict(num_query_heads=0), ValueError, "num_query_heads must be a positive multiple"),
 ], ids=["local0", "block48", "dense>hkv", "stride-float", "dtype-int", "maxlen0", "hq-not-multiple", "hq-float",
         "hq0"])
 def test_bad_construction_raises(kw, exc, msg):

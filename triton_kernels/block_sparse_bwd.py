@@ -13,8 +13,9 @@ Three launches:
 3. ``_bwd_dq_kernel``: one program per (query tile, batch, query head), walking the plan rows,
    like the forward.
 
-The probabilities are recomputed from the saved log-sum-exp. A row that saw nothing
-(lse = -inf) is treated as lse = +inf, so every one of its probabilities is 0.
+The probabilities are recomputed from the forward's row statistics (row max and log2 of the row
+sum, apart: exact for scores of any size). A row that saw nothing has max +inf, so every one of
+its probabilities is 0.
 """
 
 from __future__ import annotations
@@ -58,17 +59,20 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, row_base, offs_m, seq_q):
-    """(lse in log2 domain with -inf -> +inf, delta) for rows ``offs_m``."""
-    b_lse = tl.load(LSE + row_base + offs_m, mask=offs_m < seq_q, other=float("-inf")) * LOG2E_C
-    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
-    b_delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seq_q, other=0.0)
-    return b_lse, b_delta
+def _load_row_stats(STATS, DELTA, row_base, offs_m, seq_q):
+    """(row max m, log2 of the row's sum L, delta) for rows ``offs_m``, from the forward's
+    ``stats`` (log2 units; m = +inf for rows that saw nothing or lie past ``seq_q``, so their
+    probabilities ``exp2((s - m) - L)`` are 0)."""
+    row = row_base + offs_m
+    b_m = tl.load(STATS + row * 2, mask=offs_m < seq_q, other=float("inf"))
+    b_l = tl.load(STATS + row * 2 + 1, mask=offs_m < seq_q, other=0.0)
+    b_delta = tl.load(DELTA + row, mask=offs_m < seq_q, other=0.0)
+    return b_m, b_l, b_delta
 
 
 @triton.jit
 def _dkdv_tile(
-    b_dkt, b_dvt, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+    b_dkt, b_dvt, b_k, b_v, q_base, do_base, STATS, DELTA, row_base, stride_qm, stride_dom,
     start_m, start_n, offs_n, offs_d, bits, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
@@ -78,16 +82,16 @@ def _dkdv_tile(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     b_q = _load_tile(q_base, stride_qm, offs_m, seq_q, offs_d, HEAD_DIM)  # [BM, BD]
     b_do = _load_tile(do_base, stride_dom, offs_m, seq_q, offs_d, HEAD_DIM)  # [BM, BD]
-    b_lse, b_delta = _load_row_stats(LSE, DELTA, row_base, offs_m, seq_q)
+    b_m, b_l, b_delta = _load_row_stats(STATS, DELTA, row_base, offs_m, seq_q)
     if UPCAST:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
-    # Rows past seq_q need no mask: their lse loads as +inf, so their probabilities are 0 (unless
+    # Rows past seq_q need no mask: their max loads as +inf, so their probabilities are 0 (unless
     # K holds a NaN/inf: the contained path below drops them too).
     b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL,
                                HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, False)
-    b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
+    b_p = tl.math.exp2((b_s - b_m[:, None]) - b_l[:, None])  # [BM, BN]
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])
     if CONTAIN:
@@ -109,7 +113,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, FLAG, DK, DV,
+    Q, K, V, DO, STATS, DELTA, FLAG, DK, DV,
     P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -153,7 +157,7 @@ def _bwd_dkdv_kernel(
         if DENSE:
             for start_m in range((lo // BLOCK_M) * BLOCK_M, seq_q, BLOCK_M):
                 b_dkt, b_dvt = _dkdv_tile(
-                    b_dkt, b_dvt, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+                    b_dkt, b_dvt, b_k, b_v, q_base, do_base, STATS, DELTA, row_base, stride_qm, stride_dom,
                     start_m, n0, offs_n, offs_d, 0, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
                     False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC, CONTAIN,
                 )
@@ -166,7 +170,7 @@ def _bwd_dkdv_kernel(
                     start_m = u_r * TQ + sub * BLOCK_M
                     if (start_m < seq_q) & (start_m + BLOCK_M > lo):
                         b_dkt, b_dvt = _dkdv_tile(
-                            b_dkt, b_dvt, b_k, b_v, q_base, do_base, LSE, DELTA, row_base, stride_qm, stride_dom,
+                            b_dkt, b_dvt, b_k, b_v, q_base, do_base, STATS, DELTA, row_base, stride_qm, stride_dom,
                             start_m, n0, offs_n, offs_d, bits, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
                             CAUSAL, HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, UPCAST, DOT_PREC, CONTAIN,
                         )
@@ -181,7 +185,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn,
+    b_dq, b_q, b_do, b_m, b_l, b_delta, k_base, v_base, stride_kn, stride_vn,
     start_m, start_n, offs_m, offs_d, bits, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BITS: tl.constexpr, FULL_BITS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
@@ -197,7 +201,7 @@ def _dq_tile(
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
     b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL,
                                HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, True)
-    b_p = tl.math.exp2(b_s - b_lse[:, None])
+    b_p = tl.math.exp2((b_s - b_m[:, None]) - b_l[:, None])
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])
     b_ds = b_ds.to(b_k.dtype)
@@ -212,7 +216,7 @@ def _dq_tile(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, FLAG, DQ,
+    Q, K, V, DO, STATS, DELTA, FLAG, DQ,
     P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -245,7 +249,7 @@ def _bwd_dq_kernel(
     if UPCAST:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
-    b_lse, b_delta = _load_row_stats(LSE, DELTA, i_bh.to(tl.int64) * seq_q, offs_m, seq_q)
+    b_m, b_l, b_delta = _load_row_stats(STATS, DELTA, i_bh.to(tl.int64) * seq_q, offs_m, seq_q)
     k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
     v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -254,7 +258,7 @@ def _bwd_dq_kernel(
     if DENSE:
         for start_n in range(0, hi, BLOCK_N):
             b_dq = _dq_tile(
-                b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
+                b_dq, b_q, b_do, b_m, b_l, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m, offs_d,
                 0, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, 0, BQ, BK, TQ, TK, UPCAST, DOT_PREC, CONTAIN,
             )
     else:
@@ -266,7 +270,7 @@ def _bwd_dq_kernel(
                 start_n = u_c * TK + sub * BLOCK_N
                 if start_n < hi:
                     b_dq = _dq_tile(
-                        b_dq, b_q, b_do, b_lse, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m,
+                        b_dq, b_q, b_do, b_m, b_l, b_delta, k_base, v_base, stride_kn, stride_vn, m0, start_n, offs_m,
                         offs_d, bits, seq_q, seq_k, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, HAS_BITS, FULL_BITS, BQ, BK,
                         TQ, TK, UPCAST, DOT_PREC, CONTAIN,
                     )
@@ -283,6 +287,7 @@ def block_sparse_attn_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    stats: torch.Tensor,
     kv_num: Optional[torch.Tensor],
     kv_idx: Optional[torch.Tensor],
     q_num: Optional[torch.Tensor],
@@ -294,11 +299,11 @@ def block_sparse_attn_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward; returns contiguous ``(dq, dk, dv)`` in the inputs' dtypes.
 
-    Shapes as in :func:`block_sparse_attn_fwd`; ``out``/``lse`` are the forward's outputs,
+    Shapes as in :func:`block_sparse_attn_fwd`; ``out``/``lse``/``stats`` are the forward's outputs,
     ``dlse [B, Hq, Sq]`` (optional) the gradient reaching the log-sum-exp."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    lse = lse.contiguous()
+    stats = stats.contiguous()
     if dout.stride(-1) != 1:  # e.g. the expanded ones of `out.sum().backward()`
         dout = dout.contiguous()
 
@@ -312,7 +317,7 @@ def block_sparse_attn_bwd(
         hq, sq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse,
     )
 
-    flag = nonfinite_flag(q, k, v, dout, delta, nan_only=(lse,))
+    flag = nonfinite_flag(q, k, v, dout, delta, nan_only=(stats,))
     dq = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, hkv, sk, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(b, hkv, sk, d, dtype=v.dtype, device=q.device)
@@ -329,7 +334,7 @@ def block_sparse_attn_bwd(
         *walk, layout_group = plan_args(plan, hq)
         for contain in (False, True):  # one of the two returns at once (see common.nonfinite_flag)
             _bwd_dkdv_kernel[(b * hkv, triton.cdiv(sk, tiles["BLOCK_N"]))](
-                q, k, v, dout, lse, delta, flag, dk, dv, *walk, *common_strides,
+                q, k, v, dout, stats, delta, flag, dk, dv, *walk, *common_strides,
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                 hq, hkv, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
                 DENSE=plan is None, CONTAIN=contain, **flags, **plan_flags(plan, tiles), **tiles,
@@ -343,7 +348,7 @@ def block_sparse_attn_bwd(
         *walk, layout_group = plan_args(plan, hq)
         for contain in (False, True):
             _bwd_dq_kernel[(b * hq, triton.cdiv(sq, tiles["BLOCK_M"]))](
-                q, k, v, dout, lse, delta, flag, dq, *walk, *common_strides,
+                q, k, v, dout, stats, delta, flag, dq, *walk, *common_strides,
                 dq.stride(0), dq.stride(1), dq.stride(2),
                 hq, hq // hkv, layout_group, sq, sk, scale * LOG2E, scale,
                 DENSE=plan is None, CONTAIN=contain, **flags, **plan_flags(plan, tiles), **tiles,

@@ -63,7 +63,7 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, FLAG,
+    Q, K, V, O, LSE, STATS, FLAG,
     P_NUM, P_IDX, P_BITS, stride_nb, stride_nh, stride_ib, stride_ih, stride_im, plan_width,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -128,7 +128,14 @@ def _fwd_kernel(
     b_lse = tl.where(m_i == float("inf"), float("inf"), b_lse)  # a +inf score: lse +inf (l is NaN there)
     o_base = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=m_q)
-    tl.store(LSE + i_bh.to(tl.int64) * seq_q + offs_m, b_lse, mask=offs_m < seq_q)
+    row = i_bh.to(tl.int64) * seq_q + offs_m
+    tl.store(LSE + row, b_lse, mask=offs_m < seq_q)
+    # For the backward, the row max (log2 units) and log2 of the sum apart: p = exp2((s - m) - L)
+    # stays exact for scores of any size, where recomputing it from the fp32 lse would not (at
+    # |s| ~ 1e6 one ulp of lse is ~0.1 in the exponent). Empty rows: m = +inf, so every p is 0.
+    no_sum = (l_i == 0.0) | (m_i == float("inf"))
+    tl.store(STATS + row * 2, tl.where(l_i == 0.0, float("inf"), m_i), mask=offs_m < seq_q)
+    tl.store(STATS + row * 2 + 1, tl.where(no_sum, 0.0, tl.math.log2(l_safe)), mask=offs_m < seq_q)
 
 
 def block_sparse_attn_fwd(
@@ -141,15 +148,18 @@ def block_sparse_attn_fwd(
     block_k: int,
     causal: bool,
     scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` (unit last stride),
     ``kv_num [Bl, Hl, Mq]`` / ``kv_idx [Bl, Hl, Mq, K]`` int32 or both None (dense).
-    Returns ``out [B, Hq, Sq, D]`` (q's dtype, contiguous) and ``lse [B, Hq, Sq]`` fp32."""
+    Returns ``out [B, Hq, Sq, D]`` (q's dtype, contiguous), ``lse [B, Hq, Sq]`` fp32 and, for the
+    backward, ``stats [B, Hq, Sq, 2]`` fp32: each row's max score and log2 of its sum of
+    ``exp2(s - max)``, in log2 units (max ``+inf`` for a row that sees nothing)."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     tiles, plan = select_tiles("fwd", q, kv_num, kv_idx, block_q, block_k, sq, sk)
     out = torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    stats = torch.empty(b, hq, sq, 2, dtype=torch.float32, device=q.device)
 
     flag = nonfinite_flag(v)
 
@@ -157,7 +167,7 @@ def block_sparse_attn_fwd(
         *walk, layout_group = plan_args(plan, hq)
         for contain in (False, True):  # one of the two returns at once (see nonfinite_flag)
             _fwd_kernel[(b * hq, triton.cdiv(sq, tiles["BLOCK_M"]))](
-                q, k, v, out, lse, flag, *walk,
+                q, k, v, out, lse, stats, flag, *walk,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -168,4 +178,4 @@ def block_sparse_attn_fwd(
             )
 
     launch(*autotuned("fwd", q, tiles, plan, kv_num, kv_idx, sq, sk, causal, launch))
-    return out, lse
+    return out, lse, stats

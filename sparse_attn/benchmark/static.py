@@ -78,9 +78,10 @@ def _signature(kernel: str, dtype: str, has_bits: bool) -> Tuple[Any, Dict[str, 
     ptr = "*" + dtype
     plan = dict(P_NUM="*i32", P_IDX="*i32", P_BITS="*i64" if has_bits else "*i32")
     if kernel == "fwd":
-        return fwd._fwd_kernel, dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", FLAG="*i32", qk_scale="fp32", **plan)
-    common = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32", FLAG="*i32", qk_scale="fp32", scale="fp32",
-                  **plan)
+        return fwd._fwd_kernel, dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", STATS="*fp32", FLAG="*i32",
+                                     qk_scale="fp32", **plan)
+    common = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, STATS="*fp32", DELTA="*fp32", FLAG="*i32", qk_scale="fp32",
+                  scale="fp32", **plan)
     if kernel == "dq":
         return bwd._bwd_dq_kernel, dict(DQ=ptr, **common)
     return bwd._bwd_dkdv_kernel, dict(DK=ptr, DV=ptr, **common)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..layout import BlockSparseLayout
 from ..ops import sparse_attention
-from ..reference import _expand_kv, block_rows
+from ..reference import expand_kv, block_rows
 from .patterns import AttentionPattern
 
 __all__ = ["pattern_attention", "masked_attention", "left_padding"]
@@ -89,7 +89,7 @@ def masked_attention(
         raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not fit Sq={sq}, Sk={sk}")
     if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)
-    kx, vx = _expand_kv(k, hq, k.dtype), _expand_kv(v, hq, v.dtype)  # SDPA with a mask wants Hq heads
+    kx, vx = expand_kv(k, hq, k.dtype), expand_kv(v, hq, v.dtype)  # SDPA with a mask wants Hq heads
     if layout is None:
         out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=attn_mask, scale=scale)
         return torch.where(_visible(attn_mask).any(-1, keepdim=True), out, out.new_zeros(()))

@@ -206,9 +206,11 @@ class S2Pattern(AttentionPattern):
 
     Args:
         num_heads: heads the pattern is defined over (set by :meth:`from_spec` from ``layout_heads``).
-        block_size, local_blocks, vert_stride, homo_head, num_dense_heads, head_sliding_offset,
-        num_query_heads: as in :func:`~sparse_attn.patterns.strided` (``num_query_heads``: set by
-            :meth:`from_spec`; when set, the queries must have that many heads).
+        num_query_heads: as in :func:`~sparse_attn.patterns.strided` (set by :meth:`from_spec`;
+            when set, the queries must have that many heads).
+        config / pattern options: an :class:`~sparse_attn.patterns.s2.S2Config` or its fields as
+            keywords (``block_size``, ``local_blocks``, ``vert_stride``, ``homo_head``,
+            ``num_dense_heads``, ``head_sliding_offset``), validated there once; kept as ``.s2_config``.
         layout_heads: ``"kv"`` or ``"q"`` (recorded for :meth:`get_config`).
 
     Example::
@@ -226,28 +228,34 @@ class S2Pattern(AttentionPattern):
         self,
         num_heads: int,
         *,
-        block_size: int = 64,
-        local_blocks: int = 16,
-        vert_stride: int = 8,
-        homo_head: bool = False,
-        num_dense_heads: int = 0,
-        head_sliding_offset: int = 0,
         num_query_heads: Optional[int] = None,
         layout_heads: str = "kv",
         decode: str = "sparse",
         backend: str = "auto",
+        config: Optional[Any] = None,
+        **pattern_options: Any,
     ) -> None:
-        super().__init__(block_size=block_size, decode=decode, backend=backend)
+        from ..patterns.s2 import S2Config
+
+        cfg = S2Config.from_options(config, pattern_options)
+        if not isinstance(cfg.local_blocks, int) or cfg.position_type(True) != "absolute" or cfg.kv_start_position:
+            raise ValueError("the S2 drop-in is causal: local_blocks must be an int, vert_position_type 'absolute' "
+                             "(or None) and kv_start_position 0")
+        super().__init__(block_size=cfg.block_size, decode=decode, backend=backend)
         if layout_heads not in ("kv", "q"):
             raise ValueError(f"layout_heads must be 'kv' or 'q', got {layout_heads!r}")
         self.num_heads = int(num_heads)
-        self.options = dict(local_blocks=int(local_blocks), vert_stride=int(vert_stride), homo_head=bool(homo_head),
-                            num_dense_heads=int(num_dense_heads), head_sliding_offset=int(head_sliding_offset),
-                            num_query_heads=num_query_heads)
+        cfg.check_heads(self.num_heads, num_query_heads)
+        self.s2_config = cfg
+        self.num_query_heads = num_query_heads
         self.layout_heads = layout_heads
-        from ..patterns import strided
 
-        strided(self.num_heads, 1, 1, block_size=block_size, **self.options)  # validates the options now
+    @property
+    def options(self) -> Dict[str, Any]:
+        """The pattern options as :func:`~sparse_attn.patterns.strided` keywords."""
+        opts = {k: v for k, v in self.s2_config.to_dict().items()
+                if k not in ("block_size", "vert_position_type", "kv_start_position")}
+        return {**opts, "num_query_heads": self.num_query_heads}
 
     @classmethod
     def from_spec(cls, spec: AttentionSpec, **options: Any) -> "S2Pattern":
@@ -263,11 +271,11 @@ class S2Pattern(AttentionPattern):
     def layout(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
         from ..patterns import strided
 
-        hq = self.options["num_query_heads"]
+        hq = self.num_query_heads
         if hq is not None and q.shape[1] != hq:
             raise ValueError(f"q has {q.shape[1]} heads but this S2 pattern was built for num_query_heads={hq}")
-        return strided(self.num_heads, q.shape[2], k.shape[2], block_size=self.block_size, device=q.device,
-                       **self.options)
+        return strided(self.num_heads, q.shape[2], k.shape[2], num_query_heads=hq, device=q.device,
+                       config=self.s2_config)
 
     def get_config(self) -> Dict[str, Any]:
         return {**super().get_config(), **self.options, "layout_heads": self.layout_heads}

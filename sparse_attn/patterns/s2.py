@@ -58,15 +58,16 @@ block-aligned chunks for chunked prefill (decode, ``seq_q = 1``, is always align
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, _ceil_div, _expand
+from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, ceil_div, rows_to_mask
 
-__all__ = ["strided", "strided_block_mask", "layout_cache"]
+__all__ = ["S2Config", "strided", "strided_block_mask", "layout_cache"]
 
 Device = Union[str, torch.device, None]
 LocalBlocks = Union[int, Tuple[int, int]]
@@ -133,6 +134,108 @@ def _check_num_query_heads(num_query_heads: Any, num_heads: int) -> None:
     if num_query_heads < 1 or num_query_heads % num_heads:
         raise ValueError(f"num_query_heads must be a positive multiple of num_heads={num_heads} (the query "
                          f"heads of a per-KV-head layout), got {num_query_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class S2Config:
+    """The S2-Attention (DKernel) pattern options, checked once: the one place they are validated
+    (``strided``, ``S2KVCache`` and the drop-in's ``S2Pattern`` all build one). Frozen and
+    hashable; ``to_dict()`` / ``S2Config(**d)`` round-trip through JSON.
+
+    Fields (the rule is in the module docstring): ``block_size`` (16, 32, 64, 128),
+    ``local_blocks`` (an int ``L`` or, for non-causal layouts, a pair ``(L, R)``), ``vert_stride``
+    (>= 1), ``homo_head``, ``num_dense_heads`` (>= 0), ``head_sliding_offset`` (0: DKernel's
+    training rule, 1: its vLLM port), ``vert_position_type`` (None, "absolute", "relative") and
+    ``kv_start_position`` (a non-negative multiple of ``block_size``). What depends on the call --
+    ``causal``, the head counts, ``active_head_range``, the device -- is not part of it:
+    :meth:`window` and :meth:`check_heads` check the combination.
+
+    Example::
+
+        >>> cfg = S2Config(block_size=16, local_blocks=2, vert_stride=4)
+        >>> layout = strided(4, 100, config=cfg)
+        >>> S2Config(**cfg.to_dict()) == cfg
+        True
+    """
+
+    block_size: int = 64
+    local_blocks: LocalBlocks = 16
+    vert_stride: int = 8
+    homo_head: bool = False
+    num_dense_heads: int = 0
+    head_sliding_offset: int = 0
+    vert_position_type: Optional[str] = None
+    kv_start_position: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.local_blocks, list):  # from JSON
+            object.__setattr__(self, "local_blocks", tuple(self.local_blocks))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise TypeError/ValueError naming the field for a bad value."""
+        for name in ("block_size", "vert_stride", "num_dense_heads", "head_sliding_offset", "kv_start_position"):
+            if not _is_int(getattr(self, name)):
+                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}")
+        if self.vert_stride < 1:
+            raise ValueError(f"vert_stride must be >= 1, got {self.vert_stride}")
+        if self.num_dense_heads < 0:
+            raise ValueError(f"num_dense_heads must be >= 0, got {self.num_dense_heads}")
+        if not isinstance(self.homo_head, bool):
+            raise TypeError(f"homo_head must be a bool, got {self.homo_head!r}")
+        if self.vert_position_type is not None and self.vert_position_type not in VERT_POSITION_TYPES:
+            raise ValueError(f"vert_position_type must be None, 'absolute' or 'relative', "
+                             f"got {self.vert_position_type!r}")
+        if self.kv_start_position < 0 or self.kv_start_position % self.block_size:
+            raise ValueError(f"kv_start_position must be a non-negative multiple of block_size={self.block_size} "
+                             f"(sequence chunks start at a block boundary), got {self.kv_start_position}")
+        _local_window(self.local_blocks, isinstance(self.local_blocks, int))  # types and signs
+
+    def window(self, causal: bool) -> Tuple[int, int]:
+        """The local window ``(L, R)`` for a causal or non-causal layout (a pair needs non-causal)."""
+        return _local_window(self.local_blocks, causal)
+
+    def position_type(self, causal: bool) -> str:
+        """``vert_position_type``, or DKernel's default for ``causal``."""
+        return self.vert_position_type or ("absolute" if causal else "relative")
+
+    def check_heads(self, num_heads: int, num_query_heads: Optional[int] = None) -> None:
+        """The head counts a layout over ``num_heads`` pattern heads needs: ``num_dense_heads``
+        at most ``num_heads``; ``num_query_heads`` (if given) a positive multiple of it."""
+        if not _is_int(num_heads):
+            raise TypeError(f"num_heads must be an int, got {num_heads!r}")
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        if self.num_dense_heads > num_heads:
+            raise ValueError(f"num_dense_heads must lie in [0, num_heads={num_heads}], got {self.num_dense_heads}")
+        _check_num_query_heads(num_query_heads, num_heads)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready fields (a pair window as a list)."""
+        d = dataclasses.asdict(self)
+        if isinstance(d["local_blocks"], tuple):
+            d["local_blocks"] = list(d["local_blocks"])
+        return d
+
+    @classmethod
+    def from_options(cls, config: Optional["S2Config"], options: Dict[str, Any]) -> "S2Config":
+        """``config``, or one built from keyword ``options`` (not both; unknown names are an error)."""
+        if config is not None:
+            if not isinstance(config, S2Config):
+                raise TypeError(f"config must be an S2Config, got {type(config).__name__}")
+            if options:
+                raise TypeError(f"give config=S2Config(...) or pattern options, not both (got {sorted(options)})")
+            return config
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown S2 option(s) {unknown}; the options are {sorted(names)}")
+        return cls(**options)
+
+
+_DEFAULT_CONFIG = S2Config()
 
 
 def stride_residue(head: int, num_heads: int, vert_stride: int, homo_head: bool, head_sliding_offset: int,
@@ -273,7 +376,7 @@ def _build(num_heads, seq_q, seq_k, bs, left, right, stride, homo, n_dense, offs
     window ``[c - R + 1, c + L - 1]`` with the stride counted outwards from its edges.
     """
     dev = torch.device(device)
-    mq, mk = _ceil_div(seq_q, bs), _ceil_div(seq_k, bs)
+    mq, mk = ceil_div(seq_q, bs), ceil_div(seq_k, bs)
     shift = (seq_k - seq_q) // bs  # floor: i = r + shift for every row
     heads = torch.arange(h0, h1, device=dev, dtype=torch.int64)  # global head indices
     dense = (heads >= num_heads - n_dense)[:, None]  # [H, 1]
@@ -297,7 +400,7 @@ def _build(num_heads, seq_q, seq_k, bs, left, right, stride, homo, n_dense, offs
         rho_pre, rho_post = (i - left + 1) % stride, (i + right - 1) % stride
     else:
         rho_pre = rho_post = c0
-    width = mk if window_all else min(mk, _ceil_div(mk, stride) + 1 + win_size)
+    width = mk if window_all else min(mk, ceil_div(mk, stride) + 1 + win_size)
     kv_num, kv_idx = _runs(torch.zeros_like(i), t_hi, w_lo, w_hi, rho_pre, rho_post, ~dense, stride, max(1, width))
     kv_idx.clamp_(0, mk - 1)
 
@@ -318,7 +421,7 @@ def _build(num_heads, seq_q, seq_k, bs, left, right, stride, homo, n_dense, offs
         else:  # rows i reading c by the stride: i = c - R + 1 - k V and i = c + L - 1 + k V
             q_num, q_idx = _runs(lo, hi, torch.where(dense, -_BIG, cw_lo), torch.where(dense, _BIG, cw_hi),
                                  (c - right + 1 - shift) % stride, (c + left - 1 - shift) % stride, ~dense,
-                                 stride, max(1, mq if window_all else min(mq, _ceil_div(mq, stride) + 1 + win_size)))
+                                 stride, max(1, mq if window_all else min(mq, ceil_div(mq, stride) + 1 + win_size)))
         q_idx.clamp_(0, mq - 1)
         return q_num[None], q_idx[None]
 
@@ -343,6 +446,7 @@ def strided(
     num_query_heads: Optional[int] = None,
     active_head_range: Optional[Tuple[int, int]] = None,
     device: Device = None,
+    config: Optional[S2Config] = None,
 ) -> BlockSparseLayout:
     """The S2-Attention layout ``[1, Hl, Mq, Mk]`` (see the module docstring for the rule), with
     ``Mq = ceil(seq_q / block_size)``, ``Mk = ceil(seq_k / block_size)``.
@@ -376,6 +480,9 @@ def strided(
         active_head_range: ``(h0, h1)``: build only heads ``h0 .. h1 - 1`` (a tensor-parallel
             rank's heads); head indices in the rule stay global, ``Hl = h1 - h0``.
         device: where the layout lives.
+        config: an :class:`S2Config` instead of the pattern options above (``block_size`` ..
+            ``head_sliding_offset``, ``vert_position_type``, ``kv_start_position``), which must
+            then stay at their defaults.
 
     Returns:
         A :class:`BlockSparseLayout` (``kv_num [1, Hl, Mq]``, ``kv_idx [1, Hl, Mq, K]`` with
@@ -401,28 +508,26 @@ def strided(
         >>> kv_layout = strided(4, 1000, block_size=64, local_blocks=2, vert_stride=4, num_query_heads=8)
         >>> bidir = strided(4, 1000, block_size=64, local_blocks=(2, 1), vert_stride=4, causal=False)
     """
+    options = dict(block_size=block_size, local_blocks=local_blocks, vert_stride=vert_stride,
+                   homo_head=bool(homo_head), num_dense_heads=num_dense_heads, head_sliding_offset=head_sliding_offset,
+                   vert_position_type=vert_position_type, kv_start_position=kv_start_position)
+    if config is None:
+        cfg = S2Config(**options)
+    else:  # the keyword pattern options must then be left at their defaults
+        changed = {k: v for k, v in options.items() if v != getattr(_DEFAULT_CONFIG, k)}
+        cfg = S2Config.from_options(config, changed)
     seq_k = seq_q if seq_k is None else seq_k
-    h0, h1 = _check(num_heads, seq_q, seq_k, block_size, vert_stride, num_dense_heads, active_head_range)
+    h0, h1 = _check(num_heads, seq_q, seq_k, cfg.block_size, cfg.vert_stride, cfg.num_dense_heads, active_head_range)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    left, right = _local_window(local_blocks, causal)
-    if not _is_int(head_sliding_offset):
-        raise TypeError(f"head_sliding_offset must be an int, got {head_sliding_offset!r}")
-    if vert_position_type is None:
-        vert_position_type = "absolute" if causal else "relative"
-    elif vert_position_type not in VERT_POSITION_TYPES:
-        raise ValueError(f"vert_position_type must be None, 'absolute' or 'relative', got {vert_position_type!r}")
-    if not _is_int(kv_start_position):
-        raise TypeError(f"kv_start_position must be an int, got {kv_start_position!r}")
-    if kv_start_position < 0 or kv_start_position % block_size:
-        raise ValueError(f"kv_start_position must be a non-negative multiple of block_size={block_size} "
-                         f"(sequence chunks start at a block boundary), got {kv_start_position}")
-    _check_num_query_heads(num_query_heads, num_heads)
+    left, right = cfg.window(causal)
+    relative = cfg.position_type(causal) == "relative"
+    cfg.check_heads(num_heads, num_query_heads)
     dev = torch.device("cpu") if device is None else torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    key = (num_heads, seq_q, seq_k, block_size, left, right, vert_stride, bool(homo_head), num_dense_heads,
-           head_sliding_offset, causal, vert_position_type == "relative", kv_start_position // block_size,
+    key = (num_heads, seq_q, seq_k, cfg.block_size, left, right, cfg.vert_stride, cfg.homo_head, cfg.num_dense_heads,
+           cfg.head_sliding_offset, causal, relative, cfg.kv_start_position // cfg.block_size,
            num_query_heads, h0, h1, str(dev))
     if torch.compiler.is_compiling():  # traced into the graph: no Python-side cache for Dynamo to see
         return _build(*key)
@@ -432,4 +537,4 @@ def strided(
 def strided_block_mask(num_heads: int, seq_q: int, seq_k: Optional[int] = None, **kwargs) -> torch.Tensor:
     """The boolean block mask ``[1, Hl, Mq, Mk]`` of :func:`strided` (same arguments)."""
     layout = strided(num_heads, seq_q, seq_k, **kwargs)
-    return _expand(layout.kv_num, layout.kv_idx, layout.num_key_blocks)
+    return rows_to_mask(layout.kv_num, layout.kv_idx, layout.num_key_blocks)

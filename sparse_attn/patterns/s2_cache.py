@@ -37,13 +37,13 @@ per block (only ``seq_k`` changes between block boundaries).
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, _ceil_div
-from .s2 import stride_residue
+from ..layout import BlockSparseLayout, ceil_div
+from .s2 import S2Config, stride_residue
 
 __all__ = ["S2KVCache", "S2DecodePart"]
 
@@ -58,24 +58,20 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
-def _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset,
-                   num_query_heads):
+def _cache_config(num_kv_heads: int, num_query_heads: Optional[int], config: Optional[S2Config],
+                  options: Dict[str, Any]) -> S2Config:
+    """The pattern (``config`` or keyword options, :class:`S2Config`) and what a cache of it needs:
+    a causal absolute pattern from position 0 with an int window holding the query's own block."""
     _check_int("num_kv_heads", num_kv_heads, 1)
-    if num_query_heads is not None:
-        _check_int("num_query_heads", num_query_heads, 1)
-        if num_query_heads % num_kv_heads:
-            raise ValueError(f"num_query_heads must be a multiple of num_kv_heads={num_kv_heads}, "
-                             f"got {num_query_heads}")
-    _check_int("block_size", block_size, 1)
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
-    _check_int("local_blocks", local_blocks, 1)  # the window must hold the query's own block
-    _check_int("vert_stride", vert_stride, 1)
-    _check_int("num_dense_heads", num_dense_heads, 0)
-    if num_dense_heads > num_kv_heads:
-        raise ValueError(f"num_dense_heads must lie in [0, num_kv_heads={num_kv_heads}], got {num_dense_heads}")
-    if isinstance(head_sliding_offset, bool) or not isinstance(head_sliding_offset, int):
-        raise TypeError(f"head_sliding_offset must be an int, got {head_sliding_offset!r}")
+    cfg = S2Config.from_options(config, options)
+    cfg.check_heads(num_kv_heads, num_query_heads)
+    if not isinstance(cfg.local_blocks, int) or cfg.local_blocks < 1:
+        raise ValueError(f"S2KVCache needs local_blocks to be an int >= 1 (the window holds the query's own "
+                         f"block), got {cfg.local_blocks!r}")
+    if cfg.position_type(True) != "absolute" or cfg.kv_start_position:
+        raise ValueError("S2KVCache keeps the causal absolute pattern from position 0 (vert_position_type "
+                         "'absolute' or None, kv_start_position 0)")
+    return cfg
 
 
 def _stride_residues(num_kv_heads: int, vert_stride: int, homo_head: bool, num_dense_heads: int,
@@ -89,7 +85,7 @@ def _stride_residues(num_kv_heads: int, vert_stride: int, homo_head: bool, num_d
 
 def _strided_before(k: int, r: int, v: int) -> int:
     """How many ``c`` in ``[0, k)`` have ``c % v == r`` (``0 <= r < v``)."""
-    return max(0, _ceil_div(k - r, v))
+    return max(0, ceil_div(k - r, v))
 
 
 class S2DecodePart(NamedTuple):
@@ -166,9 +162,11 @@ class S2KVCache:
 
     Args:
         batch, num_kv_heads, head_dim: ``B``, ``Hkv``, ``D`` of the K/V tensors it stores.
-        block_size, local_blocks, vert_stride, homo_head, num_dense_heads, head_sliding_offset:
-            the S2 pattern, as in :func:`~sparse_attn.patterns.strided` (``local_blocks >= 1``:
-            the window must hold the current block).
+        config / pattern options: the S2 pattern, an :class:`~sparse_attn.patterns.s2.S2Config`
+            or its fields as keywords (``block_size``, ``local_blocks``, ``vert_stride``,
+            ``homo_head``, ``num_dense_heads``, ``head_sliding_offset``; defaults 64, 16, 8,
+            False, 0, 0), as in :func:`~sparse_attn.patterns.strided`; causal and absolute, with
+            ``local_blocks >= 1`` (the window must hold the current block). Kept as ``.config``.
         num_query_heads: ``Hq``, the query heads of the model (a multiple of ``num_kv_heads``);
             sets the head step as DKernel does. ``None``: ``Hq = num_kv_heads``.
         max_seq_len: capacity in tokens (prompt + generated); storage is allocated up front.
@@ -197,24 +195,22 @@ class S2KVCache:
         num_kv_heads: int,
         head_dim: int,
         *,
-        block_size: int = 64,
-        local_blocks: int = 16,
-        vert_stride: int = 8,
-        homo_head: bool = False,
-        num_dense_heads: int = 0,
-        head_sliding_offset: int = 0,
-        num_query_heads: Optional[int] = None,
         max_seq_len: int,
+        num_query_heads: Optional[int] = None,
         dtype: torch.dtype = torch.float32,
         device: Device = None,
+        config: Optional[S2Config] = None,
+        **pattern_options: Any,
     ) -> None:
         _check_int("batch", batch, 1)
         _check_int("head_dim", head_dim, 1)
         _check_int("max_seq_len", max_seq_len, 1)
-        _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset,
-                       num_query_heads)
+        cfg = _cache_config(num_kv_heads, num_query_heads, config, pattern_options)
+        block_size, local_blocks, vert_stride = cfg.block_size, cfg.local_blocks, cfg.vert_stride
+        homo_head, num_dense_heads, head_sliding_offset = cfg.homo_head, cfg.num_dense_heads, cfg.head_sliding_offset
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.config = cfg
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.block_size, self.local_blocks, self.vert_stride = block_size, local_blocks, vert_stride
         self.homo_head, self.num_dense_heads = bool(homo_head), num_dense_heads
@@ -239,24 +235,14 @@ class S2KVCache:
     def _complete_slots(self, n: int) -> int:
         if not self._residues:
             return 0
-        m = _ceil_div(n, self.block_size)
+        m = ceil_div(n, self.block_size)
         before = max(0, m - self.local_blocks)
         return min(self.local_blocks - 1, m - 1) + max(_strided_before(before, r, self.vert_stride)
                                                       for r in self._residues)
 
     @staticmethod
-    def kept_blocks(
-        seq_len: int,
-        num_kv_heads: int,
-        *,
-        block_size: int = 64,
-        local_blocks: int = 16,
-        vert_stride: int = 8,
-        homo_head: bool = False,
-        num_dense_heads: int = 0,
-        head_sliding_offset: int = 0,
-        num_query_heads: Optional[int] = None,
-    ) -> List[int]:
+    def kept_blocks(seq_len: int, num_kv_heads: int, *, num_query_heads: Optional[int] = None,
+                    config: Optional[S2Config] = None, **pattern_options: Any) -> List[int]:
         """Per KV head, the key blocks the token at position ``seq_len - 1`` reads, which is
         what the cache keeps for that head after ``seq_len`` tokens (closed form, see the class
         docstring; no tensors). Arguments as in the constructor.
@@ -267,27 +253,18 @@ class S2KVCache:
             [78, 78, 78, 78, 78, 78, 78, 78]
         """
         _check_int("seq_len", seq_len, 1)
-        _check_pattern(num_kv_heads, block_size, local_blocks, vert_stride, num_dense_heads, head_sliding_offset,
-                       num_query_heads)
-        m = _ceil_div(seq_len, block_size)
+        cfg = _cache_config(num_kv_heads, num_query_heads, config, pattern_options)
+        block_size, local_blocks, vert_stride = cfg.block_size, cfg.local_blocks, cfg.vert_stride
+        homo_head, num_dense_heads, head_sliding_offset = cfg.homo_head, cfg.num_dense_heads, cfg.head_sliding_offset
+        m = ceil_div(seq_len, block_size)
         window, before = min(local_blocks, m), max(0, m - local_blocks)
         residues = _stride_residues(num_kv_heads, vert_stride, bool(homo_head), num_dense_heads,
                                     head_sliding_offset, num_query_heads)
         return [window + _strided_before(before, r, vert_stride) for r in residues] + [m] * num_dense_heads
 
     @staticmethod
-    def memory_ratio(
-        seq_len: int,
-        num_kv_heads: int,
-        *,
-        block_size: int = 64,
-        local_blocks: int = 16,
-        vert_stride: int = 8,
-        homo_head: bool = False,
-        num_dense_heads: int = 0,
-        head_sliding_offset: int = 0,
-        num_query_heads: Optional[int] = None,
-    ) -> float:
+    def memory_ratio(seq_len: int, num_kv_heads: int, *, num_query_heads: Optional[int] = None,
+                     config: Optional[S2Config] = None, **pattern_options: Any) -> float:
         """Bytes an ``S2KVCache(max_seq_len=seq_len)`` allocates over those of a full cache of
         ``seq_len`` tokens (the class docstring's ``ratio(n)``; nothing is allocated).
 
@@ -297,10 +274,9 @@ class S2KVCache:
             >>> S2KVCache.memory_ratio(32768, 8, block_size=64, local_blocks=16, vert_stride=8, num_query_heads=32)
             0.15234375
         """
-        kept = S2KVCache.kept_blocks(seq_len, num_kv_heads, block_size=block_size, local_blocks=local_blocks,
-                                     vert_stride=vert_stride, homo_head=homo_head,
-                                     num_dense_heads=num_dense_heads, head_sliding_offset=head_sliding_offset,
-                                     num_query_heads=num_query_heads)
+        cfg = _cache_config(num_kv_heads, num_query_heads, config, pattern_options)
+        kept = S2KVCache.kept_blocks(seq_len, num_kv_heads, num_query_heads=num_query_heads, config=cfg)
+        num_dense_heads, block_size = cfg.num_dense_heads, cfg.block_size
         sparse = kept[: num_kv_heads - num_dense_heads]
         tokens = len(sparse) * max(sparse, default=0) * block_size + num_dense_heads * seq_len
         return tokens / (num_kv_heads * seq_len)

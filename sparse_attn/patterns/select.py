@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..layout import BlockSparseLayout, _parse_block_size, _seq_lengths
+from ..layout import BlockSparseLayout, parse_block_size, seq_lengths
 
 __all__ = ["select_blocks", "causal_block_mask"]
 
@@ -128,9 +128,9 @@ def select_blocks(
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {strict!r}")
-    bq, bk = _parse_block_size(block_size)
+    bq, bk = parse_block_size(block_size)
     b, h, mq, mk = logits.shape
-    seq_q, seq_k = _seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "logits")
+    seq_q, seq_k = seq_lengths(seq_q, seq_k, bq, bk, mq, mk, "logits")
     if share_gqa and num_kv_heads is None:
         raise ValueError("share_gqa=True needs num_kv_heads")
 
