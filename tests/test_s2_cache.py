@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers import assert_no_nan, naive_attention, tolerances
+from helpers import s2_rule_mask
 from sparse_attn import available_backends, sparse_attention
 from sparse_attn.patterns import S2KVCache, strided
 from sparse_attn.patterns.s2_cache import _SlotTable, _stride_residues
@@ -19,23 +20,13 @@ from sparse_attn.patterns.s2_cache import _SlotTable, _stride_residues
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _rule(h, i, c, num_heads, local_blocks, vert_stride, homo_head=False, num_dense_heads=0,
-          head_sliding_offset=0, num_query_heads=None, **_):
-    """The S2 rule for one (KV head, query block i, key block c), as the issue states it, with
-    DKernel's head step for a per-KV-head pattern: vert_stride // query heads."""
-    if c > i:
-        return False
-    if h >= num_heads - num_dense_heads:
-        return True
-    step = max(1, vert_stride // (num_query_heads or num_heads))
-    h_eff = 0 if homo_head else h
-    return i - c < local_blocks or (c + h_eff * step + head_sliding_offset) % vert_stride == 0
-
-
 def _kept(n, hkv, bs, cfg):
-    """Per KV head, the sorted block indices the token at position n - 1 reads."""
-    i = (n - 1) // bs
-    return [[c for c in range(i + 1) if _rule(h, i, c, hkv, **cfg)] for h in range(hkv)]
+    """Per KV head, the sorted block indices the token at position n - 1 reads (the suite's one S2
+    oracle, ``helpers.s2_rule_mask``, with DKernel's head step from the query heads)."""
+    opts = {k: v for k, v in cfg.items() if k != "num_query_heads"}
+    hq = cfg.get("num_query_heads") or hkv
+    mask = s2_rule_mask(hq, 1, n, bs, num_kv_heads=hkv, **opts)[0, :, 0]  # [Hkv, Mk]: the decode row
+    return [row.nonzero().flatten().tolist() for row in mask]
 
 
 def _element_mask(n, hkv, g, bs, cfg):
@@ -188,8 +179,7 @@ def _ratio_by_counting(n, hkv, cfg):
     as the most any of them keeps; dense heads keep n tokens."""
     bs, nd = cfg["block_size"], cfg.get("num_dense_heads", 0)
     rule = {k: val for k, val in cfg.items() if k != "block_size"}
-    i = (n - 1) // bs
-    kept = [sum(_rule(h, i, c, hkv, **rule) for c in range(i + 1)) for h in range(hkv - nd)]
+    kept = [len(blocks) for blocks in _kept(n, hkv, bs, rule)][: hkv - nd]
     return (len(kept) * max(kept, default=0) * bs + nd * n) / (hkv * n)
 
 
