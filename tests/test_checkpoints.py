@@ -335,17 +335,25 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_result(tmp_path):
     assert proc.exitcode == 0
     want = _state(load_gates(tmp_path / "straight")[0])
     out = str(tmp_path / "killed")
+    root = os.path.join(out, "checkpoints")
     rng = random.Random(20240611)
+    step_time = run_time / STEPS
     killed, resumed_from = 0, []
-    for _ in range(6):
+    for target in sorted(rng.sample(range(1, STEPS - 1), 6)):
         proc = ctx.Process(target=_child, args=(out,))
         proc.start()
-        time.sleep(rng.uniform(0.02, 0.6) * run_time)
+        # a kill aimed by progress, not by wall time (a loaded machine runs at any speed): once the
+        # run has reached step `target`, a random fraction of a step later, wherever it then is
+        deadline = time.perf_counter() + 120
+        while proc.is_alive() and time.perf_counter() < deadline and not any(
+                n.endswith(f"step-{target:06d}") or f"step-{target:06d}-" in n
+                for n in (os.listdir(root) if os.path.isdir(root) else ())):
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 1.0) * step_time)
         proc.kill()
         proc.join(timeout=60)
         assert proc.exitcode in (-9, 0), f"training died by itself (exit code {proc.exitcode})"
         killed += proc.exitcode == -9
-        root = os.path.join(out, "checkpoints")
         resumed_from.append(sorted(os.listdir(root)) if os.path.isdir(root) else [])
     proc = ctx.Process(target=_child, args=(out,))
     proc.start()
