@@ -85,7 +85,7 @@ def train_lm(model, tokens: torch.Tensor, steps: int, seq_len: int, batch: int, 
 def captured_mass(model, ids: torch.Tensor, block: int, densities: List[float], seed: int) -> Dict[str, Dict[str, float]]:
     """Mean fraction of attention mass inside the selected blocks, per selector and density."""
     from sparse_attn.integrations.transformers import sparse_patterns
-    from sparse_attn.modules.seer import _previous_block_scores
+    from sparse_attn.modules.seer import previous_block_scores
     from sparse_attn.patterns import select_blocks
 
     patterns = sparse_patterns(model)
@@ -129,7 +129,7 @@ def captured_mass(model, ids: torch.Tensor, block: int, densities: List[float], 
         dist = (torch.arange(m)[:, None] - torch.arange(m)[None, :]).float()
         local = (-dist).masked_fill(~tri, float("-inf")).expand(b, h, m, m)
         rnd = torch.randn(b, h, m, m, generator=gen).masked_fill(~tri, float("-inf"))
-        selectors = (("gate", gate_logits), ("gate_causal", _previous_block_scores(gate_logits)),
+        selectors = (("gate", gate_logits), ("gate_causal", previous_block_scores(gate_logits)),
                      ("oracle", oracle), ("local", local), ("random", rnd))
         for name, scores in selectors:
             for dd in densities:  # sink and diagonal forced, inside the per-row budget

@@ -443,8 +443,3 @@ def _validate_rows(kv_num: torch.Tensor, kv_idx: torch.Tensor, mk: int) -> None:
         rising = kv_idx[..., 1:] > kv_idx[..., :-1]
         if bool((valid[..., 1:] & ~rising).any()):
             raise ValueError("kv_idx must be strictly ascending within the first kv_num slots of each row")
-
-
-# Names the pattern modules of an earlier layout of the package imported (kept until every module
-# uses the public ones above).
-_ceil_div = ceil_div

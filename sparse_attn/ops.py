@@ -82,9 +82,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-_resolve_backend = resolve_backend  # the earlier name (kept until every module uses the public one)
-
-
 def _triton_module(name: str):
     return importlib.import_module(f"sparse_attn.triton_kernels.{name}")
 

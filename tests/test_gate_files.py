@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from sparse_attn._files import CorruptFileError, sha256_bytes
 from sparse_attn.modules.seer import SeerPattern
-from sparse_attn.patterns import seer as seer_mod
+from sparse_attn.patterns import seer_io as seer_mod
 from sparse_attn.patterns.seer import GATES_CONFIG, GATES_WEIGHTS, SeerDecodeGate, SeerGate, load_gates, save_gates
 
 GUARD_BYTES = 16 << 20
@@ -423,3 +423,23 @@ def test_apply_sparse_attention_checks_gate_files_against_the_model(saved, tmp_p
         vocab_size=64, max_position_embeddings=128))  # head_dim 16
     with NoLargeAllocations(), pytest.raises(CorruptFileError, match="head_dim=8 but the model has head_dim=16"):
         apply_sparse_attention(model, "seer", gates=str(good))
+
+
+def test_files_written_before_the_new_gate_options_still_load(saved, tmp_path):
+    """Gate kwargs added later (bias, q_proj, k_heads, rope_positions, rope_scaling; query, qk_norm,
+    own_block) are absent from files written before them: such a file loads with the values that
+    reproduce its gates. A file with only some of them is corrupt (see the key deletions above)."""
+    good, want = saved
+    meta = json.loads((good / GATES_CONFIG).read_text())
+    old = copy.deepcopy(meta)
+    for kind, cls in (("prefill", SeerGate), ("decode", SeerDecodeGate)):
+        kwargs = old["modules"]["children"]["0"]["children"][kind]["kwargs"]
+        for key in cls._LEGACY_DEFAULTS:
+            del kwargs[key]
+    path = _copy(saved, tmp_path, "old")
+    (path / GATES_CONFIG).write_text(json.dumps(old))
+    loaded, _ = load_gates(path)
+    current, _ = load_gates(good)
+    assert loaded["0"]["prefill"].get_config() == current["0"]["prefill"].get_config()
+    assert loaded["0"]["decode"].get_config() == current["0"]["decode"].get_config()
+    assert _outcome(path, path / GATES_CONFIG, want) == "loaded"

@@ -499,3 +499,75 @@ def test_the_callers_config_is_left_alone(method, opts, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparse_attn").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, sparse)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seer: the authors' checkpoint directories, selection defaults and saved selection options
+# ------------------------------------------------------------------------------------------------
+def test_seer_default_selection_is_a_density(base):
+    model = _patched(base, "seer", block_size=16)
+    for p in sparse_patterns(model).values():
+        assert p.select["density"] == 0.2 and p.select["threshold"] is None
+    assert model.config.sparse_attention["options"]["density"] == 0.2
+
+
+def test_seer_gates_from_an_authors_prefill_directory(tmp_path):
+    from test_seer_compat import LLAMA, write_author_dir
+
+    from sparse_attn.patterns import load_gates
+
+    torch.manual_seed(3)
+    tiny = LlamaForCausalLM(_config(hidden_size=32)).eval()  # 4 heads of 8, 2 KV heads, 2 layers: LLAMA's
+    tiny.set_attn_implementation("sdpa")
+    write_author_dir(tmp_path / "a", {**LLAMA, "seerattn_threshold": 5e-3})
+    model = _patched(tiny, "seer", gates=str(tmp_path / "a"))  # the format is detected
+    gates, _ = load_gates(tmp_path / "a")
+    q, k = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
+    authors_rule = dict(threshold=5e-3, strict=True, keep_first=0, keep_last=0, dense_last_rows=2)
+    for idx, p in sparse_patterns(model).items():
+        assert p.block_size == 16 and p.gate.rope_positions == "token" and p.gate.q_weight is None
+        assert torch.equal(p.gate(q, k), gates[str(idx)]["prefill"](q, k))
+        assert {k_: p.select[k_] for k_ in authors_rule} == authors_rule  # their rule, from their config
+    ids = _ids(2, 50)
+    assert torch.isfinite(_logits(model, ids)).all()
+    # the caller's rule replaces theirs; the caller's other options override theirs one by one
+    mine = _patched(tiny, "seer", gates=str(tmp_path / "a"), density=0.5, keep_last=1)
+    p = sparse_patterns(mine)[0]
+    assert p.select["density"] == 0.5 and p.select["threshold"] is None
+    assert p.select["keep_last"] == 1 and p.select["keep_first"] == 0 and p.select["dense_last_rows"] == 2
+    # a training config (threshold 0: dense) selects nothing: our default applies
+    write_author_dir(tmp_path / "b", LLAMA)
+    assert sparse_patterns(_patched(tiny, "seer", gates=str(tmp_path / "b")))[1].select["density"] == 0.2
+    with pytest.raises(ValueError, match="head_dim=8, the model has head_dim=16"):  # another model's gates
+        _patched(LlamaForCausalLM(_config(hidden_size=64)), "seer", gates=str(tmp_path / "a"))
+
+
+def test_seer_decode_gates_from_an_authors_directory_on_qwen3(tmp_path):
+    """SeerAttention-R gates (decode only, Qproj, q/k norm): prefill stays dense (exactly sdpa's),
+    generate() decodes sparsely with the authors' gates."""
+    from test_seer_compat import QWEN3, write_author_dir
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(4)
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=256,
+                      rope_theta=1000.0)
+    qwen = Qwen3ForCausalLM(cfg).eval()
+    qwen.set_attn_implementation("sdpa")
+    write_author_dir(tmp_path / "r", {**QWEN3, "seerattn_sparsity_method": "token_budget",
+                                      "seerattn_token_budget": 16})
+    model = _patched(qwen, "seer", gates=str(tmp_path / "r"))
+    patterns = sparse_patterns(model)
+    assert all(p.gate is None and p.decode_gate.own_block == "excluded" and p.select["topk"] == 1
+               for p in patterns.values())
+    ids = _ids(1, 70)
+    torch.testing.assert_close(_logits(model, ids), _logits(qwen, ids), atol=1e-5, rtol=1e-5)
+    seen = []
+    patterns[0].register_forward_hook(lambda mod, args, out: seen.append(out))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert out.shape == (1, 76) and patterns[0]._decode_cache.length == 75
+    decode_layouts = [lay.to_block_mask() for lay in seen if lay is not None]
+    assert len(decode_layouts) == 5  # one per decode step; the prefill's is None (dense)
+    for m in decode_layouts:  # top-1 of the earlier blocks + the token's own block
+        assert m.shape[2] == 1 and m[..., -1].all() and m.sum(-1).eq(2).all()
+    assert list(collect_gates(model)["0"].keys()) == ["decode"]

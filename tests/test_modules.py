@@ -386,3 +386,104 @@ def test_seer_in_sparse_attention_generates_with_its_decode_gate():
     assert attn.pattern._decode_cache.length == 60
     assert all(lay is not None and lay.shape[2] == 1 for lay in seen)  # sparse decode, one row each
     assert all(torch.isfinite(o).all() for o in steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seer selection: the authors' rules as options, the density default, the decode's own block
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts", [
+    dict(threshold=0.05, strict=True, keep_first=0, keep_last=0, dense_last_rows=2),   # the authors' threshold rule
+    dict(nz_ratio=0.3, keep_first=0, keep_last=0, dense_last_rows=2),                  # the authors' nz_ratio rule
+    dict(topk=2, share_gqa=True),
+    dict(),                                                                              # the default: density 0.2
+], ids=["threshold_strict", "nz_ratio", "topk_shared", "default"])
+def test_seer_selection_options_reach_select_blocks(opts):
+    from sparse_attn.patterns import select_blocks
+
+    torch.manual_seed(13)
+    p = SeerPattern(4, 2, 16, block_size=16, gate=dict(hidden_size=32), **opts)
+    q, k, _ = _seer_inputs(13, s=150)
+    want_opts = dict(opts) if opts else dict(density=0.2)
+    assert {k: v for k, v in p.get_config().items() if k in want_opts} == want_opts
+    got = p(q, k, q_pre=q, k_pre=k).to_block_mask()
+    want = select_blocks(p.gate(q, k), block_size=16, seq_q=150, seq_k=150, num_kv_heads=2, **want_opts)
+    assert torch.equal(got, want.to_block_mask())
+    # the pattern rebuilds from its config with the same rule
+    again = SeerPattern(4, 2, 16, **{k: v for k, v in p.get_config().items() if k not in ("decode", "backend")})
+    assert again.select == p.select
+
+
+def test_seer_default_density_is_sparse_and_threshold_2e3_was_not():
+    """The default (density 0.2) computes about a fifth of the causal blocks; the old default,
+    threshold 2e-3, kept nearly all of them for an untrained gate."""
+    torch.manual_seed(14)
+    p = SeerPattern(4, 2, 16, block_size=16, gate=dict(hidden_size=32))
+    assert p.select["density"] == 0.2 and p.select["threshold"] is None
+    q, k, _ = _seer_inputs(14, s=640)
+    causal = 40 * 41 / 2
+    kept = p(q, k, q_pre=q, k_pre=k).to_block_mask().sum((-1, -2)).float() / causal
+    assert (kept - 0.2).abs().max() < 0.03, kept
+    old = SeerPattern(4, 2, 16, block_size=16, gate=dict(hidden_size=32), threshold=2e-3)
+    old.gate.load_state_dict(p.gate.state_dict())
+    kept_old = old(q, k, q_pre=q, k_pre=k).to_block_mask().sum((-1, -2)).float() / causal
+    assert kept_old.min() > 0.7, kept_old
+
+
+def test_seer_selection_option_errors_name_the_option():
+    with pytest.raises(ValueError, match="at most one of"):
+        SeerPattern(4, 2, 16, threshold=0.1, nz_ratio=0.5)
+    with pytest.raises(ValueError, match="nz_ratio must be a number"):
+        SeerPattern(4, 2, 16, nz_ratio=1.5)
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        SeerPattern(4, 2, 16, strict=1)
+    with pytest.raises(ValueError, match="dense_last_rows must be a non-negative int"):
+        SeerPattern(4, 2, 16, dense_last_rows=-1)
+    with pytest.raises(ValueError, match="prefill_gate=False needs a decode gate"):
+        SeerPattern(4, 2, 16, prefill_gate=False)
+
+
+@pytest.mark.parametrize("own_block", ["pooled", "excluded"])
+def test_seer_decode_always_computes_the_tokens_own_block(own_block):
+    """Even a rule that keeps nothing (top-0, nothing forced) keeps the token's own key block at
+    decode, as the authors' decode does; the rest follows the rule."""
+    torch.manual_seed(15)
+    p = SeerPattern(4, 2, 16, block_size=16, topk=0, keep_first=0, keep_last=0, gate=dict(hidden_size=32),
+                    decode_gate=dict(hidden_size=32, own_block=own_block))
+    q, k, _ = _seer_inputs(15, s=70)
+    p(q, k, q_pre=q, k_pre=k)  # prefill feeds the decode cache
+    q1, k1, _ = _seer_inputs(16, s=1)
+    kk = torch.cat((k, k1), 2)
+    got = p(q1, kk, q_pre=q1, k_pre=k1).to_block_mask()
+    assert got.shape == (2, 2, 1, 5) and got[..., -1].all() and not got[..., :-1].any()
+    p2 = SeerPattern(4, 2, 16, block_size=16, topk=2, keep_first=0, keep_last=0, gate=dict(hidden_size=32),
+                     decode_gate=dict(hidden_size=32, own_block=own_block))
+    p2.load_state_dict(p.state_dict())
+    p2(q, k, q_pre=q, k_pre=k)
+    got2 = p2(q1, kk, q_pre=q1, k_pre=k1).to_block_mask()
+    scores = p2.decode_gate(torch.cat((q, q1), 2), kk)[:, :, -1:]
+    if own_block == "excluded":  # never scored: the two best are other blocks
+        assert torch.isneginf(scores[..., -1]).all()
+    top = scores.topk(2, dim=-1).indices  # "pooled": the own block competes (and is then forced anyway)
+    want = torch.zeros_like(got2).scatter_(-1, top, True)
+    want[..., -1] = True
+    assert torch.equal(got2, want)
+
+
+def test_seer_decode_only_gates_run_a_dense_prefill():
+    from sparse_attn.patterns import SeerDecodeGate
+
+    spec = AttentionSpec(4, 2, 16, layer_idx=0)
+    dec = SeerDecodeGate(4, 2, 16, block_size=16, hidden_size=16, own_block="excluded", bias=False)
+    p = build_pattern("seer", spec, gates=nn.ModuleDict({"0": nn.ModuleDict({"decode": dec})}), topk=1)
+    assert p.gate is None and p.get_config()["prefill_gate"] is False
+    assert all(torch.equal(a, b) for a, b in zip(p.decode_gate.state_dict().values(), dec.state_dict().values()))
+    q, k, v = _seer_inputs(17, s=40)
+    assert p(q, k, q_pre=q, k_pre=k) is None  # dense prefill
+    q1, k1, _ = _seer_inputs(18, s=1)
+    lay = p(q1, torch.cat((k, k1), 2), q_pre=q1, k_pre=k1)
+    assert lay is not None and lay.to_block_mask()[..., -1].all()
+    p.distill = True
+    pattern_attention(p, q, k, v, q_pre=q, k_pre=k)
+    assert p.last_loss is None and torch.isfinite(p.last_decode_loss)
+    again = SeerPattern(4, 2, 16, **{k: v for k, v in p.get_config().items() if k not in ("decode", "backend")})
+    assert again.gate is None and again.decode_gate.own_block == "excluded"

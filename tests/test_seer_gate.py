@@ -39,10 +39,13 @@ def _randn(*shape, seed=0, dtype=torch.float32):
 
 
 def _randomise_biases(gate):
-    # Default init already gives non-zero biases; make them clearly non-zero so a dropped bias shows.
+    # Default init already gives non-zero biases; make them clearly non-zero so a dropped bias shows
+    # (the norm weights too: their init is ones).
     with torch.no_grad():
-        gate.q_bias.normal_(generator=_gen(99))
-        gate.k_bias.normal_(generator=_gen(98))
+        for i, name in enumerate(("q_bias", "k_bias", "q_norm_weight", "k_norm_weight")):
+            t = getattr(gate, name, None)
+            if t is not None:
+                t.normal_(generator=_gen(99 - i))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,23 +92,35 @@ def naive_block_causal(Sq, Sk, b):
     return out
 
 
+def _naive_linear(x, weight, bias):
+    y = x if weight is None else x @ weight.double()
+    return y if bias is None else y + bias.double()
+
+
+def _naive_rms(x, weight):
+    return weight.double() * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+
+
 def naive_seer_gate(gate, q, k, qpos=None):
     """The SeerGate logits by loops, in float64; qpos [Sq] absolute query positions (one batch row)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, b = k.shape[1], k.shape[2], gate.block_size
     group = Hq // Hkv
+    unit = 1 if gate.rope_positions == "token" else b  # RoPE position = block start / unit
     qpos = torch.arange(Sk - Sq, Sk) if qpos is None else qpos
     Mq, Mk = -(-Sq // b), -(-Sk // b)
-    qb_pos = torch.tensor([qpos[r * b].item() / b for r in range(Mq)], dtype=torch.float64)
+    qb_pos = torch.tensor([qpos[r * b].item() / unit for r in range(Mq)], dtype=torch.float64)
     key0 = qpos[-1].item() - (Sk - 1)
-    kb_pos = torch.tensor([(key0 + c * b) / b for c in range(Mk)], dtype=torch.float64)
+    kb_pos = torch.tensor([(key0 + c * b) / unit for c in range(Mk)], dtype=torch.float64)
     pq, pk = naive_pool(q, b, gate.q_pooling), naive_pool(k, b, gate.k_pooling)
     allowed = naive_block_causal(Sq, Sk, b)
     out = torch.empty(B, Hq, Mq, Mk, dtype=torch.float64)
     for h in range(Hq):
         hk = h // group
-        qh = pq[:, h] @ gate.q_weight[h].double() + gate.q_bias[h].double()
-        kh = pk[:, hk] @ gate.k_weight[hk].double() + gate.k_bias[hk].double()
+        kw = h if gate.k_heads == "q" else hk  # whose K projection
+        qh = _naive_linear(pq[:, h], None if gate.q_weight is None else gate.q_weight[h],
+                           None if gate.q_bias is None else gate.q_bias[h])
+        kh = _naive_linear(pk[:, hk], gate.k_weight[kw], None if gate.k_bias is None else gate.k_bias[kw])
         if gate.use_rope:
             qh, kh = naive_rope(qh, qb_pos, gate.rope_theta), naive_rope(kh, kb_pos, gate.rope_theta)
         out[:, h] = (qh @ kh.transpose(-1, -2)) / math.sqrt(gate.hidden_size)
@@ -113,10 +128,12 @@ def naive_seer_gate(gate, q, k, qpos=None):
 
 
 def naive_decode_gate(gate, q, k):
-    """SeerDecodeGate logits by loops (default positions), float64: per token, own block pooled up to it."""
+    """SeerDecodeGate logits by loops (default positions), float64: per token; own block pooled up to
+    it (own_block="pooled") or not scored ("excluded"); every query form, q/k norm, RoPE unit."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, b = k.shape[1], k.shape[2], gate.block_size
     group = Hq // Hkv
+    unit = 1 if gate.rope_positions == "token" else b
     Mk = -(-Sk // b)
     out = torch.full((B, Hkv, Sq, Mk), -INF, dtype=torch.float64)
     for t in range(Sq):
@@ -124,16 +141,30 @@ def naive_decode_gate(gate, q, k):
         if p < 0:
             continue
         for g in range(Hkv):
-            qcat = torch.cat([q[:, g * group + j, t].double() for j in range(group)], -1)  # [B, group*D]
-            qh = qcat @ gate.q_weight[g].double() + gate.q_bias[g].double()
+            heads = [q[:, g * group + j, t].double() for j in range(group)]  # each [B, D]
+            qb = None if gate.q_bias is None else gate.q_bias[g]
+            if gate.query == "proj":
+                qh = _naive_linear(torch.cat(heads, -1), gate.q_weight[g], qb)
+            elif gate.query == "avg_proj":
+                qh = _naive_linear(sum(heads) / group, gate.q_weight[g], qb)
+            elif gate.query == "avg":
+                qh = sum(heads) / group
+            if gate.query == "orig":  # each head (normalised), scores averaged over the group
+                qs = [_naive_rms(x, gate.q_norm_weight) if gate.qk_norm else x for x in heads]
+            else:
+                qs = [_naive_rms(qh, gate.q_norm_weight) if gate.qk_norm else qh]
             if gate.use_rope:
-                qh = naive_rope(qh[:, None], torch.tensor([p / b]), gate.rope_theta)[:, 0]
-            for c in range(p // b + 1):
+                qs = [naive_rope(x[:, None], torch.tensor([p / unit]), gate.rope_theta)[:, 0] for x in qs]
+            last = p // b + 1 if gate.own_block == "pooled" else p // b
+            for c in range(last):
                 keys = k[:, g : g + 1, c * b : min(c * b + b, p + 1)]
-                kh = naive_pool(keys, b, gate.k_pooling)[:, 0, 0] @ gate.k_weight[g].double() + gate.k_bias[g].double()
+                kh = _naive_linear(naive_pool(keys, b, gate.k_pooling)[:, 0, 0], gate.k_weight[g],
+                                   None if gate.k_bias is None else gate.k_bias[g])
+                if gate.qk_norm:
+                    kh = _naive_rms(kh, gate.k_norm_weight)
                 if gate.use_rope:
-                    kh = naive_rope(kh[:, None], torch.tensor([float(c)]), gate.rope_theta)[:, 0]
-                out[:, g, t, c] = (qh * kh).sum(-1) / math.sqrt(gate.hidden_size)
+                    kh = naive_rope(kh[:, None], torch.tensor([c * b / unit]), gate.rope_theta)[:, 0]
+                out[:, g, t, c] = sum((x * kh).sum(-1) for x in qs) / len(qs) / math.sqrt(gate.hidden_size)
     return out
 
 
@@ -268,6 +299,68 @@ def test_seer_gate_gradients_reach_every_parameter():
         assert p.grad.abs().sum() > 0, name
 
 
+GATE_OPTIONS = [
+    dict(bias=False),
+    dict(q_proj=False, hidden_size=16, q_pooling=("avg", "max"), k_heads="q"),
+    dict(k_heads="q", rope_positions="token"),
+    dict(rope_positions="token", bias=False, q_proj=False, hidden_size=8),
+]
+
+
+@pytest.mark.parametrize("opts", GATE_OPTIONS, ids=["no_bias", "no_q_proj_k_per_q_head", "k_per_q_head_token",
+                                                    "authors_form"])
+def test_seer_gate_options_match_naive(opts):
+    """The options that reproduce the authors' gate (no bias, no q projection, K projected per query
+    head, RoPE at token positions) against the loop implementation, with GQA and partial blocks;
+    position shifts still leave the logits unchanged (RoPE stays relative)."""
+    kw = dict(block_size=4, hidden_size=6, rope_theta=300.0)
+    kw.update(opts)
+    gate = SeerGate(6, 2, 8, **kw)
+    _randomise_biases(gate)
+    q, k = _randn(2, 6, 13, 8, seed=40), _randn(2, 2, 18, 8, seed=41)
+    got = gate(q, k)
+    torch.testing.assert_close(got.double(), naive_seer_gate(gate, q, k), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(gate(q, k, torch.arange(5, 18) + 64), got, atol=2e-4, rtol=2e-4)
+    names = dict(gate.named_parameters())
+    assert ("q_bias" in names) == (gate.bias and gate.q_proj) and ("k_bias" in names) == gate.bias
+    assert names["k_weight"].shape[0] == (6 if gate.k_heads == "q" else 2)
+    assert type(gate)(**gate.get_config()).get_config() == gate.get_config()
+
+
+def test_seer_gate_option_errors_name_the_option():
+    with pytest.raises(ValueError, match="q_proj=False"):
+        SeerGate(4, 2, 8, q_proj=False, hidden_size=6)
+    with pytest.raises(TypeError, match="q_proj must be a bool"):
+        SeerGate(4, 2, 8, q_proj=0)
+    with pytest.raises(ValueError, match="k_heads must be one of"):
+        SeerGate(4, 2, 8, k_heads="query")
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        SeerGate(4, 2, 8, bias="no")
+    with pytest.raises(ValueError, match="rope_positions must be one of"):
+        SeerGate(4, 2, 8, rope_positions="tokens")
+    with pytest.raises(ValueError, match="rope_scaling"):
+        SeerGate(4, 2, 8, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"rope_scaling\['factor'\]"):
+        SeerGate(4, 2, 8, rope_scaling={"rope_type": "linear", "factor": -1})
+    with pytest.raises(ValueError, match="query must be one of"):
+        SeerDecodeGate(4, 2, 8, query="mean")
+    with pytest.raises(ValueError, match="hidden_size must equal head_dim"):
+        SeerDecodeGate(4, 2, 8, query="avg", hidden_size=6)
+    with pytest.raises(ValueError, match="own_block must be one of"):
+        SeerDecodeGate(4, 2, 8, own_block="none")
+    with pytest.raises(TypeError, match="qk_norm must be a bool"):
+        SeerDecodeGate(4, 2, 8, qk_norm="yes")
+
+
+def test_linear_rope_scaling_is_positions_divided_by_the_factor():
+    gate = SeerGate(2, 1, 8, block_size=4, hidden_size=8, rope_positions="token",
+                    rope_scaling={"rope_type": "linear", "factor": 4.0})
+    plain = SeerGate(2, 1, 8, block_size=4, hidden_size=8, rope_positions="block")
+    plain.load_state_dict(gate.state_dict())
+    q, k = _randn(1, 2, 16, 8, seed=42), _randn(1, 1, 16, 8, seed=43)
+    torch.testing.assert_close(gate(q, k), plain(q, k), atol=1e-5, rtol=1e-5)  # pos / 4 == block index
+
+
 # --------------------------------------------------------------------------------------------------
 # SeerDecodeGate
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +380,31 @@ def test_decode_gate_matches_naive(Hq, Hkv, Sq, Sk, b):
     allowed = (torch.arange(-(-Sk // b)) * b)[None, :] <= p[:, None]
     assert torch.equal(torch.isneginf(logits), (~allowed).expand_as(logits))
     torch.testing.assert_close(logits.double(), want, atol=1e-5, rtol=1e-5)
+
+
+DECODE_OPTIONS = [
+    dict(own_block="excluded"),
+    dict(query="avg_proj", bias=False, qk_norm=True),
+    dict(query="avg", hidden_size=4, rope_positions="token", own_block="excluded"),
+    dict(query="orig", hidden_size=4, qk_norm=True, bias=False),
+    dict(query="proj", bias=False, qk_norm=True, rope_positions="token", own_block="excluded"),  # SeerAttention-R
+]
+
+
+@pytest.mark.parametrize("opts", DECODE_OPTIONS, ids=["excluded", "avg_proj_norm", "avg_token", "orig_norm",
+                                                      "authors_form"])
+@pytest.mark.parametrize("Sq,Sk", [(11, 11), (5, 18), (9, 6)], ids=["square", "sq_lt_sk", "sq_gt_sk"])
+def test_decode_gate_options_match_naive(opts, Sq, Sk):
+    kw = dict(block_size=4, hidden_size=6, rope_theta=50.0)
+    kw.update(opts)
+    gate = SeerDecodeGate(6, 2, 4, **kw)
+    _randomise_biases(gate)
+    q, k = _randn(2, 6, Sq, 4, seed=44), _randn(2, 2, Sk, 4, seed=45)
+    logits = gate(q, k)
+    want = naive_decode_gate(gate, q, k)
+    assert torch.equal(torch.isneginf(logits), torch.isneginf(want))
+    torch.testing.assert_close(logits.double(), want, atol=2e-5, rtol=2e-5)
+    assert type(gate)(**gate.get_config()).get_config() == gate.get_config()
 
 
 def test_decode_cache_equals_full_recompute():
@@ -438,6 +556,14 @@ def test_save_load_round_trip(tmp_path):
                         4, 2, 8, block_size=4, hidden_size=6, q_pooling=("avg", "max"), rope_theta=500.0
                     ),
                     "decode": SeerDecodeGate(4, 2, 8, block_size=4, hidden_size=6, k_pooling=("avg",)),
+                    "prefill_authors": SeerGate(4, 2, 8, block_size=4, hidden_size=8, bias=False, q_proj=False,
+                                                k_heads="q", rope_positions="token",
+                                                rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                              "original_max_position_embeddings": 16}),
+                    "decode_authors": SeerDecodeGate(4, 2, 8, block_size=4, hidden_size=8, query="avg_proj",
+                                                     bias=False, qk_norm=True, rope_positions="token",
+                                                     own_block="excluded"),
                 }
             )
             for i in range(2)
@@ -459,8 +585,9 @@ def test_save_load_round_trip(tmp_path):
     assert loaded["0"]["prefill"].q_pooling == ("avg", "max") and loaded["0"]["prefill"].rope_theta == 500.0
     q, k = _randn(1, 4, 9, 8, seed=23), _randn(1, 2, 9, 8, seed=24)
     for i in ("0", "1"):
-        for kind in ("prefill", "decode"):
+        for kind in ("prefill", "decode", "prefill_authors", "decode_authors"):
             assert torch.equal(loaded[i][kind](q, k), gates[i][kind](q, k))
+            assert loaded[i][kind].get_config() == gates[i][kind].get_config()
     p = dict(loaded.named_parameters())["0.prefill.q_weight"]
     assert p.requires_grad and isinstance(p, nn.Parameter)
 

@@ -31,4 +31,5 @@ def test_seer_quality_runs(tmp_path):
     # each selector ranks blocks once, so its density-0.25 set contains its density-0.1 set
     for name in ("gate", "gate_causal", "oracle", "local", "random"):
         assert res["mass"][name]["0.25"] >= res["mass"][name]["0.1"] - 1e-6
-        assert res["density"][name]["0.25"] > res["density"][name]["0.1"]
+        # (at this tiny size the forced sink + diagonal fill both budgets: equal is allowed)
+        assert res["density"][name]["0.25"] >= res["density"][name]["0.1"]

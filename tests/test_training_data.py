@@ -69,3 +69,12 @@ def test_cli_dispatch(capsys):
         cli_main(["bench", "--help"])
     assert e.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_train_gates_without_transformers_names_the_extra(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    assert cli_main(["train-gates", "--model", "m", "--data", "d", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'sparse_attn[train]'" in err and "transformers" in err

@@ -5,7 +5,7 @@
     from sparse_attn.integrations.transformers import apply_sparse_attention
     model = apply_sparse_attention(model, method="dense")                   # exact: same outputs as sdpa
     model = apply_sparse_attention(model, method="s2", block_size=16, local_blocks=4, vert_stride=4)
-    model = apply_sparse_attention(model, method="seer", gates="path/or/None", threshold=2e-3)
+    model = apply_sparse_attention(model, method="seer", gates="path/or/None", density=0.2)
     model = apply_sparse_attention(model, method="block_mask", layout_fn=my_fn)   # user-defined
     register_layout_fn("my_fn", my_fn)   # ... and by name, so a saved config can refer to it
 
@@ -85,6 +85,7 @@ __all__ = [
     "sparse_attention_mask",
     "sparse_patterns",
     "collect_gates",
+    "saved_selection",
     "register_layout_fn",
 ]
 
@@ -367,10 +368,16 @@ def apply_sparse_attention(
             rule for decode / chunked prefill where it has one; ``"dense"``) and ``backend``.
             ``method="seer"`` takes ``gates``: a directory from
             :func:`sparse_attn.patterns.seer.save_gates` (an ``nn.ModuleDict`` keyed by layer index
-            holding ``{"prefill": SeerGate, "decode": SeerDecodeGate}``), such a module, or None
-            (fresh untrained gates -- what the trainer trains); ``threshold`` / ``topk`` /
-            ``density`` pick the blocks. ``method="block_mask"`` takes ``layout_fn``: a callable
-            ``(q, k) -> layout or block mask``, or a name given to :func:`register_layout_fn`.
+            holding ``{"prefill": SeerGate, "decode": SeerDecodeGate}``) or a SeerAttention
+            authors' checkpoint directory (``config.json`` + ``attn_gate_weights.pth``; the format
+            is detected), such a module, or None (fresh untrained gates -- what the trainer
+            trains); ``threshold`` / ``topk`` / ``density`` / ``nz_ratio`` (with ``strict``,
+            ``keep_first``, ``keep_last``, ``dense_last_rows``, ``share_gqa``) pick the blocks,
+            default ``density=0.2``. Gates loaded from a directory bring the selection options
+            saved with them (:func:`saved_selection`); the caller's options override them one by
+            one, and a rule the caller gives replaces the saved rule. ``method="block_mask"`` takes
+            ``layout_fn``: a callable ``(q, k) -> layout or block mask``, or a name given to
+            :func:`register_layout_fn`.
 
     Returns:
         ``model``, now with ``config._attn_implementation == "sparse_attn"``, a pattern module per
@@ -422,13 +429,57 @@ def apply_sparse_attention(
         specs = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in
                  (_spec(model, idx, m) for idx, m in attn_layers if layers is None or idx in layers)}
         dims = dict(zip(("num_heads", "num_kv_heads", "head_dim"), specs.pop())) if len(specs) == 1 else None
-        options["gates"], _ = load_gates(gates, model_dims=dims)
+        options["gates"], gate_config = load_gates(gates, model_dims=dims)  # ours or the authors' (detected)
+        if method == "seer":
+            options = _with_saved_selection(options, saved_selection(gate_config, gates))
     _own_config(model)  # before the patterns: their hooks keep the model's config
     resolved = _attach_patterns(model, attn_layers, method, options, layers)
     model.config.sparse_attention = {"method": method, "options": resolved, "layers": layers,
                                      "version": _CONFIG_VERSION}
     _switch(model)
     return model
+
+
+def saved_selection(config: Any, path: Any = "gates") -> Dict[str, Any]:
+    """The selection options stored with gates: from our ``gates_config.json`` the trainer's
+    ``config["options"]["options"]`` (``model.config.sparse_attention`` at training time) restricted
+    to :data:`~sparse_attn.modules.seer.SELECTION_OPTIONS`; from an authors' checkpoint its
+    ``config["selection"]`` (their rule, when their config sets one). ``{}`` when there are none.
+    The values are checked (:func:`~sparse_attn.modules.seer.check_selection_options`); bad ones are a
+    :class:`~sparse_attn._files.CorruptFileError` naming the gates' config file.
+
+    Example::
+
+        >>> saved_selection({"options": {"method": "seer", "options": {"density": 0.1, "block_size": 16}}})
+        {'density': 0.1}
+    """
+    from .._files import CorruptFileError
+    from ..modules.seer import SELECTION_OPTIONS, check_selection_options
+
+    if not isinstance(config, dict):
+        return {}
+    if config.get("format") == "seerattention":
+        found, where = config.get("selection") or {}, os.path.join(os.fspath(path), "config.json")
+    else:
+        saved = config.get("options")
+        found = saved.get("options") if isinstance(saved, dict) else None
+        found = {k: v for k, v in found.items() if k in SELECTION_OPTIONS} if isinstance(found, dict) else {}
+        where = os.path.join(os.fspath(path), "gates_config.json")
+    try:
+        return check_selection_options(found, "saved selection options")
+    except (TypeError, ValueError) as e:
+        raise CorruptFileError(where, str(e)) from None
+
+
+def _with_saved_selection(options: Dict[str, Any], saved: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` with the gates' saved selection under them: the caller's selection options win
+    one by one, and a rule given by the caller (threshold / topk / density / nz_ratio) replaces the
+    saved rule."""
+    from ..modules.seer import SELECTION_RULES
+
+    if any(options.get(k) is not None for k in SELECTION_RULES):
+        saved = {k: v for k, v in saved.items() if k not in SELECTION_RULES}
+    return {**saved, **options}
 
 
 def _own_config(model: nn.Module) -> None:
@@ -478,11 +529,11 @@ def collect_gates(model: nn.Module) -> nn.ModuleDict:
     """
     out = nn.ModuleDict()
     for idx, p in sparse_patterns(model).items():
-        gate = getattr(p, "gate", None)
-        if gate is None:
-            continue
-        entry = nn.ModuleDict({"prefill": gate})
+        entry = nn.ModuleDict()
+        if getattr(p, "gate", None) is not None:
+            entry["prefill"] = p.gate
         if getattr(p, "decode_gate", None) is not None:
             entry["decode"] = p.decode_gate
-        out[str(idx)] = entry
+        if len(entry):
+            out[str(idx)] = entry
     return out

@@ -12,7 +12,11 @@ name                       what
 ``SeerDecodeGate``         the gate for one query token with a cache of compressed K blocks
 ``SeerDecodeCache``        that cache (pooled, projected K of completed blocks)
 ``distillation_loss``      KL(target || softmax(gate logits)), the gates' training loss
-``save_gates``             gates -> safetensors + JSON (``load_gates`` reads them back)
+``seerattention_loss``     the SeerAttention authors' loss (per-element mean, first rows dropped)
+``save_gates``             gates -> safetensors + JSON (``load_gates`` reads them back, and the
+                           SeerAttention authors' checkpoint directories)
+``gate_from_seerattention``         a SeerGate holding an authors' prefill AttnGate
+``decode_gate_from_seerattention``  a SeerDecodeGate holding an authors' decode AttnGate
 =========================  ==================================================================
 
 Names are resolved lazily, so importing one pattern never imports the others (or Triton).
@@ -31,8 +35,11 @@ _EXPORTS = {
     "SeerDecodeGate": ".seer",
     "SeerDecodeCache": ".seer_decode",
     "distillation_loss": ".seer",
-    "save_gates": ".seer",
-    "load_gates": ".seer",
+    "seerattention_loss": ".seer",
+    "save_gates": ".seer_io",
+    "load_gates": ".seer_io",
+    "gate_from_seerattention": ".seer_compat",
+    "decode_gate_from_seerattention": ".seer_compat",
 }
 
 __all__ = sorted(_EXPORTS)

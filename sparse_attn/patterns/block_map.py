@@ -22,8 +22,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..layout import SUPPORTED_BLOCK_SIZES, _ceil_div
-from ..ops import _resolve_backend, check_qkv
+from ..layout import SUPPORTED_BLOCK_SIZES, ceil_div
+from ..ops import resolve_backend, check_qkv
 
 __all__ = ["attention_block_map", "block_map_reference"]
 
@@ -80,7 +80,7 @@ def block_map_reference(
     group = hq // hkv
     scale = d ** -0.5 if scale is None else float(scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mq, mk = _ceil_div(sq, block_size), _ceil_div(sk, block_size)
+    mq, mk = ceil_div(sq, block_size), ceil_div(sk, block_size)
     h_out = hkv if reduce_gqa == "max" else hq
     raw = torch.zeros(b, h_out, mq if pool_queries else sq, mk, dtype=acc, device=q.device)
     out = None if v is None else torch.empty(b, hq, sq, d, dtype=q.dtype, device=q.device)
@@ -118,7 +118,7 @@ def block_map_reference(
             p_blk = p_blk.amax(2)
         p_blk = p_blk.reshape(b, h_out, c, mk)
         if pool_queries:
-            n_r = _ceil_div(c, block_size)
+            n_r = ceil_div(c, block_size)
             p_blk = torch.nn.functional.pad(p_blk, (0, 0, 0, n_r * block_size - c))
             r0 = i0 // block_size
             raw[:, :, r0:r0 + n_r] = p_blk.view(b, h_out, n_r, block_size, mk).amax(3)
@@ -164,6 +164,7 @@ def attention_block_map(
     scale: Optional[float] = None,
     pool_queries: bool = True,
     reduce_gqa: Optional[str] = None,
+    exclude_own_block: bool = False,
     return_output: bool = False,
     v: Optional[Tensor] = None,
     backend: str = "auto",
@@ -195,6 +196,13 @@ def attention_block_map(
         reduce_gqa: None, or "max": take the max over each GQA group's ``Hq // Hkv`` query
             heads (of the un-normalised maxima) and *then* normalise the rows, giving
             ``[B, Hkv, Mq, Mk]`` / ``[B, Hkv, Sq, Mk]`` (a target shared by the group).
+        exclude_own_block: only with ``pool_queries=False``: SeerAttention-R's decode target. The
+            row of query ``i`` (key index ``p = i + Sk - Sq``) keeps only the key blocks
+            ``c < p // block_size`` -- its own block and later ones are set to 0 -- and is
+            renormalised over them; a query of block 0 (nothing before its own block) gets a row
+            of zeros. The maxima are still those of the full causal softmax (the own block's
+            keys stay in the normaliser), as in the authors' kernel. For ``Sq = 1, Sk = 9``,
+            block 4: ``[m0, m1, 0] / (m0 + m1)``.
         return_output: also return the dense (causal) softmax attention output
             ``[B, Hq, Sq, D]`` in q's dtype, computed in the same pass; needs ``v``.
         v: ``[B, Hkv, Sk, D]``, only with ``return_output=True``.
@@ -219,13 +227,20 @@ def attention_block_map(
         >>> m1, out = attention_block_map(q, k, pool_queries=False, reduce_gqa="max", return_output=True, v=v)
         >>> m1.shape, out.shape
         (torch.Size([1, 2, 200, 4]), torch.Size([1, 4, 200, 64]))
+        >>> m2 = attention_block_map(q, k, pool_queries=False, reduce_gqa="max", exclude_own_block=True)
+        >>> m2[0, 0, 70].tolist()[1:]                  # token 70 is in block 1: only block 0 is kept
+        [0.0, 0.0, 0.0]
     """
     if not isinstance(q, Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    resolved = _resolve_backend(backend, q.device)
+    resolved = resolve_backend(backend, q.device)
     _check_inputs(q, k, v, block_size, causal, scale, pool_queries, reduce_gqa, return_output, resolved)
+    if not isinstance(exclude_own_block, bool):
+        raise TypeError(f"exclude_own_block must be a bool, got {type(exclude_own_block).__name__}")
+    if exclude_own_block and pool_queries:
+        raise ValueError("exclude_own_block=True is a per-token (decode) target: it needs pool_queries=False")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0:
         resolved = "reference"  # nothing for a kernel to do
@@ -240,4 +255,16 @@ def attention_block_map(
         else:
             block_map, out = block_map_reference(q, k, v, block_size=block_size, causal=causal, scale=scale,
                                                  pool_queries=pool_queries, reduce_gqa=reduce_gqa)
+        if exclude_own_block:
+            block_map = _exclude_own_block(block_map, block_size, k.shape[2])
     return (block_map, out) if return_output else block_map
+
+
+def _exclude_own_block(m: Tensor, block_size: int, seq_k: int) -> Tensor:
+    """Per-token map ``[B, H, Sq, Mk]`` -> the same with each row's own key block and later ones
+    zeroed, renormalised (a row that keeps nothing is zeros). Renormalising the normalised row
+    equals normalising the raw maxima over the kept blocks."""
+    sq, mk = m.shape[2], m.shape[3]
+    own = torch.div(torch.arange(sq, device=m.device) + (seq_k - sq), block_size, rounding_mode="floor")
+    keep = torch.arange(mk, device=m.device)[None, :] < own[:, None]  # [Sq, Mk]
+    return _normalise_rows(m * keep)

@@ -1,12 +1,18 @@
-"""SeerAttention's learned block gate, its distillation loss, and safetensors save/load of gates.
+"""SeerAttention's learned block gate and its distillation losses.
 
 SeerAttention ("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs") attaches a small
 gate to each attention layer of a frozen model. The gate pools the layer's (pre-RoPE) queries and
-keys per block, projects them into a small space of its own, applies RoPE there at *block*
+keys per block, projects them into a small space of its own, applies RoPE there at block
 positions, and scores every (query block, key block) pair. The scores go to
 :func:`~sparse_attn.patterns.select_blocks`, which turns them into a layout. The gate is trained by
 self-distillation against the block max-pooled attention map of the frozen model
-(:func:`~sparse_attn.patterns.attention_block_map`) with :func:`distillation_loss`.
+(:func:`~sparse_attn.patterns.attention_block_map`) with :func:`distillation_loss` (ours) or
+:func:`seerattention_loss` (the authors').
+
+Save / load (:func:`save_gates`, :func:`load_gates`) live in :mod:`~sparse_attn.patterns.seer_io`;
+gates built from the authors' tensors (:func:`gate_from_seerattention`,
+:func:`decode_gate_from_seerattention`) in :mod:`~sparse_attn.patterns.seer_compat`. Both are
+importable from here.
 
 Conventions shared by :class:`SeerGate` and :class:`SeerDecodeGate` (module ``seer_decode``):
 
@@ -14,18 +20,27 @@ Conventions shared by :class:`SeerGate` and :class:`SeerDecodeGate` (module ``se
   ``h // (Hq // Hkv)``); K projections are never repeated in memory, only broadcast.
 * Blocks are aligned to the start of each tensor (query block ``r`` = query rows
   ``[r*b, (r+1)*b)``, key block ``c`` = keys ``[c*b, (c+1)*b)``); a partial last block is pooled
-  over its real tokens only.
+  over its real tokens only (what the authors' ``ceil_mode=True`` pooling does).
 * Masking is bottom-right causal on tensor indices, as everywhere in the package: query ``i`` sees
   key ``j`` iff ``j <= i + (Sk - Sq)``. ``position_ids`` never change the mask, only RoPE.
 * Positions. ``position_ids`` (``[Sq]`` or ``[B, Sq]``, integer) are the absolute positions of the
   query tokens; by default the queries are the last ``Sq`` of the positions ``0 .. Sk-1``. The keys
   are taken to be contiguous and to end at the last query's position, so key ``j`` sits at
   ``position_ids[:, -1] - (Sk - 1) + j`` (this is what chunked prefill, decode and left-padded
-  batches give). A block's RoPE position is *the position of its first token divided by the block
-  size* (a float): for aligned blocks it is the block index, as in the paper, and the relative
-  position of two blocks is exactly their token distance in blocks. RoPE is applied to the
-  projected features (``hidden_size`` dims, rotate-half pairing), so the logits depend only on
-  relative positions.
+  batches give). RoPE is applied to the projected features (``hidden_size`` dims, rotate-half
+  pairing) at each block's *start*: the position of its first token. ``rope_positions`` says in
+  which unit:
+
+  - ``"block"`` (ours, the default): that position divided by the block size (a float; for aligned
+    blocks the block index). One block step turns the fastest rotary pair by 1 rad and the slowest
+    resolve distances up to ``rope_theta`` blocks, so every pair says something about block
+    distance, and positions stay ``block_size`` times smaller than the model's own.
+  - ``"token"`` (the authors' code: ``position_ids[:, 0::block_size]``): the token position itself.
+    One block step turns pair ``i`` by ``block_size * rope_theta**(-2i/hidden)`` rad; for
+    ``block_size=64, rope_theta=1e4`` the fastest third of the pairs turn by more than pi per block,
+    so between neighbouring blocks they alias. Use it to run the authors' trained gates.
+
+  Either way the logits depend only on relative positions.
 
 Example::
 
@@ -37,41 +52,44 @@ Example::
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
-import os
-import re
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import _files
-from ..layout import _ceil_div
+from ..layout import ceil_div
 from ..rope import apply_rope, rope_cos_sin
 from .select import causal_block_mask
 
-__all__ = ["SeerGate", "SeerDecodeGate", "distillation_loss", "save_gates", "load_gates"]
+__all__ = ["SeerGate", "SeerDecodeGate", "distillation_loss", "seerattention_loss", "save_gates", "load_gates",
+           "gate_from_seerattention", "decode_gate_from_seerattention"]
 
 POOLING_MODES = ("avg", "max", "min")
+ROPE_POSITIONS = ("block", "token")
+
+
+# Names that live in modules importing this one, resolved lazily (no import cycle either way).
+_LAZY = {
+    "SeerDecodeGate": ".seer_decode",
+    "save_gates": ".seer_io",
+    "load_gates": ".seer_io",
+    "GATES_CONFIG": ".seer_io",
+    "GATES_WEIGHTS": ".seer_io",
+    "GATE_FORMATS": ".seer_io",
+    "gate_from_seerattention": ".seer_compat",
+    "decode_gate_from_seerattention": ".seer_compat",
+}
 
 
 def __getattr__(name: str):
-    # SeerDecodeGate lives in seer_decode.py, which imports the helpers below; resolving it lazily
-    # keeps either import order free of cycles.
-    if name == "SeerDecodeGate":
-        from .seer_decode import SeerDecodeGate
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
 
-        return SeerDecodeGate
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-GATES_CONFIG = "gates_config.json"
-GATES_WEIGHTS = "gates.safetensors"  # the weights file of format version 1 (still read; version 2 names its own)
-_FORMAT = "sparse_attn.gates"
-_FORMAT_VERSION = 2  # 2: a content-addressed weights file, named with its size and SHA-256 by the JSON
+    return getattr(import_module(module, __package__), name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +201,7 @@ def _pool_blocks(x: torch.Tensor, block_size: int, modes: Sequence[str]) -> torc
     the last dim, in order). A partial last block is pooled over its real tokens only.
     """
     B, H, S, D = x.shape
-    M = _ceil_div(S, block_size)
+    M = ceil_div(S, block_size)
     pad = M * block_size - S
     feats = []
     for mode in modes:
@@ -200,32 +218,118 @@ def _pool_blocks(x: torch.Tensor, block_size: int, modes: Sequence[str]) -> torc
     return torch.cat(feats, dim=-1)
 
 
-def _init_heads_linear(weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {str(value)[:50]!r}")
+    return value
+
+
+def _init_heads_linear(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
     """nn.Linear's default init, per head: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+    if weight is None:
+        return
     bound = 1.0 / math.sqrt(weight.shape[1])
     with torch.no_grad():
         weight.uniform_(-bound, bound)
-        bias.uniform_(-bound, bound)
+        if bias is not None:
+            bias.uniform_(-bound, bound)
 
 
-def _project(feat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Per-head linear: ``feat [B, H, N, in]``, ``weight [H, in, out]``, ``bias [H, out]`` ->
-    float32 ``[B, H, N, out]``."""
-    out = torch.einsum("bhni,hio->bhno", feat.to(weight.dtype), weight) + bias[:, None, :]
+def _project(feat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-head linear: ``feat [B, H, N, in]``, ``weight [H, in, out]``, ``bias [H, out]`` or None
+    -> float32 ``[B, H, N, out]``."""
+    out = torch.einsum("bhni,hio->bhno", feat.to(weight.dtype), weight)
+    if bias is not None:
+        out = out + bias[:, None, :]
     return out.float()
 
 
-def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+def _repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
+    """``[B, H, N, F]`` -> ``[B, H * times, N, F]``, head ``h`` repeated for heads ``h*times ..``
+    (GQA by index); small tensors only (pooled blocks)."""
+    if times == 1:
+        return x
+    B, H, N, Fd = x.shape
+    return x[:, :, None].expand(B, H, times, N, Fd).reshape(B, H * times, N, Fd)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim of float32 ``x`` with a per-feature ``weight`` (the authors' gate
+    norm: ``weight * x / sqrt(mean(x**2) + eps)``, eps 1e-6)."""
+    return weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+ROPE_SCALING_KEYS = {
+    "linear": ("rope_type", "factor"),
+    "llama3": ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(value: Any) -> Optional[Dict[str, Any]]:
+    """None, or a Hugging Face ``rope_scaling`` dict of type ``"linear"`` or ``"llama3"`` (exactly
+    its keys; positive finite numbers) -- what the authors' gates inherit from their model's config."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("rope_type") not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling must be None or a dict with rope_type in {tuple(ROPE_SCALING_KEYS)}, "
+                         f"got {str(value)[:80]!r}")
+    keys = ROPE_SCALING_KEYS[value["rope_type"]]
+    if set(value) != set(keys):
+        raise ValueError(f"rope_scaling of type {value['rope_type']!r} must have exactly the keys {list(keys)}, "
+                         f"got {sorted(value)[:8]}")
+    out: Dict[str, Any] = {"rope_type": value["rope_type"]}
+    for key in keys[1:]:
+        v = value[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"rope_scaling[{key!r}] must be a positive finite number, got {str(v)[:50]!r}")
+        out[key] = int(v) if key == "original_max_position_embeddings" else float(v)
+    if out["rope_type"] == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError("rope_scaling: high_freq_factor must be larger than low_freq_factor")
+    return out
+
+
+def _inv_freq(dim: int, theta: float, scaling: Optional[Dict[str, Any]], device) -> torch.Tensor:
+    """float32 ``[dim / 2]`` rotary frequencies ``theta ** (-2i / dim)``, rescaled per ``scaling``:
+    ``"linear"`` divides them by ``factor``; ``"llama3"`` divides those whose wavelength exceeds
+    ``original_max_position_embeddings / low_freq_factor`` by ``factor``, keeps those below
+    ``... / high_freq_factor``, and interpolates linearly (in ``original / wavelength``) between."""
+    freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    if scaling is None:
+        return freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return freq / factor
+    ratio = scaling["original_max_position_embeddings"] * freq / (2 * math.pi)  # context length / wavelength
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    keep = ((ratio - low) / (high - low)).clamp(0.0, 1.0)  # 0: divide by factor, 1: keep
+    return (1.0 - keep) * freq / factor + keep * freq
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float, scaling: Optional[Dict[str, Any]] = None
+          ) -> torch.Tensor:
     """Rotate-half RoPE of float32 ``x [B, H, N, dim]`` at float32 positions ``pos [Bp, N]``
-    (``Bp`` is 1 or B; positions in blocks). Tables are computed on the fly, never a buffer, so
-    casting the module to bf16 cannot degrade them."""
-    cos, sin = rope_cos_sin(pos, x.shape[-1], theta)  # [Bp, N, dim]
+    (``Bp`` is 1 or B). Tables are computed on the fly, never a buffer, so casting the module to
+    bf16 cannot degrade them."""
+    if scaling is None:
+        cos, sin = rope_cos_sin(pos, x.shape[-1], theta)  # [Bp, N, dim]
+    else:
+        angles = pos.to(torch.float32)[..., None] * _inv_freq(x.shape[-1], theta, scaling, x.device)
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
     return apply_rope(x, cos, sin)
 
 
-def _block_pos(token_pos: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Integer token positions -> float32 block positions (``pos / block_size``)."""
-    return token_pos.to(torch.float32) / block_size
+def _block_pos(token_pos: torch.Tensor, block_size: int, unit: str = "block") -> torch.Tensor:
+    """Integer token positions -> float32 RoPE positions: ``pos / block_size`` (``unit="block"``)
+    or ``pos`` itself (``unit="token"``)."""
+    pos = token_pos.to(torch.float32)
+    return pos / block_size if unit == "block" else pos
 
 
 def _query_positions(position_ids: Optional[torch.Tensor], B: int, Sq: int, Sk: int, device) -> torch.Tensor:
@@ -265,12 +369,21 @@ def _check_qk(q, k, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
 
 class _BlockGate(nn.Module):
     """What the prefill and decode gates share: settings, the batched per-head projections
-    (``q_weight [Hq', in_q, hidden]``, ``k_weight [Hkv, D * len(k_pooling), hidden]``, biases),
-    their initialisation and the JSON config. Subclasses give the query projection's shape."""
+    (``q_weight [Hq', in_q, hidden]`` unless the query is not projected, ``k_weight [Hk',
+    D * len(k_pooling), hidden]``, optional biases ``[H', hidden]``), their initialisation and
+    the JSON config. Subclasses give the projections' shapes.
+
+    ``_LEGACY_DEFAULTS``: the constructor kwargs added after gate files of format version 2 were
+    first written, with the values that reproduce those files' gates; :func:`load_gates` fills
+    them in for a file that has none of them (a file with some of them is corrupt)."""
+
+    _LEGACY_DEFAULTS: Dict[str, Any] = {}
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, hidden_size: int,
-                 k_pooling: Sequence[str], use_rope: bool, rope_theta: float,
-                 q_pooling: Optional[Sequence[str]] = None) -> None:
+                 k_pooling: Sequence[str], use_rope: bool, rope_theta: float, *,
+                 q_shape: Optional[Tuple[int, int]], k_heads: int, bias: bool, rope_positions: str,
+                 q_pooling: Optional[Sequence[str]] = None, qk_norm: bool = False,
+                 rope_scaling: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         _check_common_kwargs(num_heads, num_kv_heads, head_dim, block_size, hidden_size, use_rope, rope_theta)
         self.num_heads = num_heads
@@ -283,21 +396,42 @@ class _BlockGate(nn.Module):
         self.k_pooling = _check_pooling("k_pooling", k_pooling)
         self.use_rope = bool(use_rope)
         self.rope_theta = float(rope_theta)
-        q_heads, q_in = self._query_projection_shape()
-        self.q_weight = nn.Parameter(torch.empty(q_heads, q_in, hidden_size))
-        self.q_bias = nn.Parameter(torch.empty(q_heads, hidden_size))
-        self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(self.k_pooling), hidden_size))
-        self.k_bias = nn.Parameter(torch.empty(num_kv_heads, hidden_size))
+        self.bias = _check_bool("bias", bias)
+        self.rope_positions = _check_choice("rope_positions", rope_positions, ROPE_POSITIONS)
+        self.rope_scaling = _check_rope_scaling(rope_scaling)
+        if q_shape is None:
+            self.register_parameter("q_weight", None)
+            self.register_parameter("q_bias", None)
+        else:
+            self.q_weight = nn.Parameter(torch.empty(q_shape[0], q_shape[1], hidden_size))
+            self.register_parameter("q_bias", nn.Parameter(torch.empty(q_shape[0], hidden_size)) if bias else None)
+        self.k_weight = nn.Parameter(torch.empty(k_heads, head_dim * len(self.k_pooling), hidden_size))
+        self.register_parameter("k_bias", nn.Parameter(torch.empty(k_heads, hidden_size)) if bias else None)
+        # RMSNorm weights of the projected q and k ([hidden] each), when the gate normalises them
+        self.qk_norm = _check_bool("qk_norm", qk_norm)
+        for name in ("q_norm_weight", "k_norm_weight"):
+            self.register_parameter(name, nn.Parameter(torch.empty(hidden_size)) if qk_norm else None)
         self.reset_parameters()
 
-    def _query_projection_shape(self) -> Tuple[int, int]:
-        """``(heads, input features)`` of the query projection."""
-        raise NotImplementedError
-
     def reset_parameters(self) -> None:
-        """nn.Linear's default initialisation, per projection head."""
+        """nn.Linear's default initialisation, per projection head (norm weights: ones)."""
         _init_heads_linear(self.q_weight, self.q_bias)
         _init_heads_linear(self.k_weight, self.k_bias)
+        with torch.no_grad():
+            for w in (self.q_norm_weight, self.k_norm_weight):
+                if w is not None:
+                    w.fill_(1.0)
+
+    def _rotate(self, x: torch.Tensor, token_pos: torch.Tensor) -> torch.Tensor:
+        """RoPE of features ``x [B, H, N, hidden]`` at integer token positions ``token_pos [Bp, N]``
+        (converted to this gate's unit, ``rope_positions``); ``x`` itself without ``use_rope``."""
+        if not self.use_rope:
+            return x
+        pos = _block_pos(token_pos, self.block_size, self.rope_positions)
+        return _rope(x, pos, self.rope_theta, self.rope_scaling)
+
+    def _extra_config(self) -> Dict[str, Any]:
+        return {}
 
     def get_config(self) -> Dict[str, Any]:
         """Constructor kwargs (JSON-serialisable); ``type(gate)(**gate.get_config())`` rebuilds it."""
@@ -306,7 +440,10 @@ class _BlockGate(nn.Module):
                                    hidden_size=self.hidden_size)
         if hasattr(self, "q_pooling"):
             cfg["q_pooling"] = list(self.q_pooling)
-        cfg.update(k_pooling=list(self.k_pooling), use_rope=self.use_rope, rope_theta=self.rope_theta)
+        cfg.update(k_pooling=list(self.k_pooling), use_rope=self.use_rope, rope_theta=self.rope_theta,
+                   bias=self.bias, rope_positions=self.rope_positions,
+                   rope_scaling=None if self.rope_scaling is None else dict(self.rope_scaling),
+                   **self._extra_config())
         return cfg
 
     def extra_repr(self) -> str:
@@ -316,14 +453,17 @@ class _BlockGate(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The prefill gate
 # --------------------------------------------------------------------------------------------------
+K_HEADS = ("kv", "q")
+
+
 class SeerGate(_BlockGate):
     """SeerAttention's block gate for prefill: scores every (query block, key block) pair.
 
     Pipeline, per block of ``block_size`` tokens: pool q with each of ``q_pooling`` and k with each
-    of ``k_pooling`` (features concatenated: ``D * len(pooling)``), project q per query head and k
-    per KV head to ``hidden_size`` (batched weights ``[H, in, hidden]``), apply RoPE at block
-    positions (see the module docstring), then
-    ``logits[b, h, r, c] = q_h[r] . k_{h // group}[c] / sqrt(hidden_size)``.
+    of ``k_pooling`` (features concatenated in that order: ``D * len(pooling)``), project q per
+    query head and k per KV head (or per query head, ``k_heads="q"``) to ``hidden_size`` (batched
+    weights ``[H, in, hidden]``), apply RoPE at the blocks' start positions (see the module
+    docstring), then ``logits[b, h, r, c] = q_h[r] . k_{h // group}[c] / sqrt(hidden_size)``.
 
     Block-causal mask (bottom-right): key block ``c`` is allowed for query block ``r`` iff its first
     key ``c*b`` is visible to the last query of block r, i.e. ``c*b <= min((r+1)*b, Sq) - 1 + Sk - Sq``
@@ -342,7 +482,19 @@ class SeerGate(_BlockGate):
         block_size: tokens per block (the layout's block size; 16/32/64/128 for the kernels).
         hidden_size: the gate's own feature size per head.
         q_pooling, k_pooling: pooling modes from ``("avg", "max", "min")``.
-        use_rope, rope_theta: RoPE inside the gate, at block positions.
+        use_rope, rope_theta: RoPE inside the gate, at block start positions.
+        bias: the projections have a bias (ours; the authors' have none).
+        q_proj: project the pooled queries (``q_weight [Hq, D * len(q_pooling), hidden]``). False:
+            the pooled queries are used as they are (the authors' gate when it has one q pooling
+            and ``hidden_size == head_dim``), so ``hidden_size`` must equal
+            ``head_dim * len(q_pooling)``.
+        k_heads: ``"kv"``: one K projection per KV head, shared by its query heads (ours, and the
+            authors' when they project q); ``"q"``: one per *query* head, applied to its KV head's
+            pooled keys (the authors' gate without a q projection).
+        rope_positions: ``"block"`` (ours) or ``"token"`` (the authors'); see the module docstring.
+        rope_scaling: None, or the model's Hugging Face ``rope_scaling`` of type ``"linear"`` or
+            ``"llama3"`` (the authors' gates rotate with their model's scaled frequencies, e.g.
+            Llama-3.1's ``llama3`` scaling).
 
     Example::
 
@@ -352,6 +504,8 @@ class SeerGate(_BlockGate):
         >>> torch.isinf(logits[0, 0]).int().tolist()
         [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
     """
+
+    _LEGACY_DEFAULTS = {"bias": True, "q_proj": True, "k_heads": "kv", "rope_positions": "block", "rope_scaling": None}
 
     def __init__(
         self,
@@ -365,12 +519,28 @@ class SeerGate(_BlockGate):
         k_pooling: Sequence[str] = ("max", "min", "avg"),
         use_rope: bool = True,
         rope_theta: float = 10000.0,
+        bias: bool = True,
+        q_proj: bool = True,
+        k_heads: str = "kv",
+        rope_positions: str = "block",
+        rope_scaling: Optional[Dict[str, Any]] = None,
     ) -> None:
+        _check_common_kwargs(num_heads, num_kv_heads, head_dim, block_size, hidden_size, use_rope, rope_theta)
+        modes = _check_pooling("q_pooling", q_pooling)
+        self_q_proj = _check_bool("q_proj", q_proj)
+        _check_choice("k_heads", k_heads, K_HEADS)
+        if not self_q_proj and hidden_size != head_dim * len(modes):
+            raise ValueError(f"q_proj=False uses the pooled queries as they are, so hidden_size must be "
+                             f"head_dim * len(q_pooling) = {head_dim * len(modes)}, got {hidden_size}")
+        q_shape = (num_heads, head_dim * len(modes)) if self_q_proj else None
         super().__init__(num_heads, num_kv_heads, head_dim, block_size, hidden_size, k_pooling, use_rope,
-                         rope_theta, q_pooling=q_pooling)
+                         rope_theta, q_shape=q_shape, k_heads=num_heads if k_heads == "q" else num_kv_heads,
+                         bias=bias, rope_positions=rope_positions, q_pooling=modes, rope_scaling=rope_scaling)
+        self.q_proj = self_q_proj
+        self.k_heads = k_heads
 
-    def _query_projection_shape(self) -> Tuple[int, int]:
-        return self.num_heads, self.head_dim * len(self.q_pooling)  # per query head, pooled features
+    def _extra_config(self) -> Dict[str, Any]:
+        return {"q_proj": self.q_proj, "k_heads": self.k_heads}
 
     def block_mask(self, seq_q: int, seq_k: int, device=None) -> torch.Tensor:
         """The gate's block-causal mask, bool ``[Mq, Mk]`` (True = allowed), bottom-right aligned.
@@ -381,7 +551,7 @@ class SeerGate(_BlockGate):
             [[1, 1, 0], [1, 1, 1]]
         """
         b = self.block_size
-        return causal_block_mask(_ceil_div(seq_q, b), _ceil_div(seq_k, b), b, seq_q, seq_k, device)
+        return causal_block_mask(ceil_div(seq_q, b), ceil_div(seq_k, b), b, seq_q, seq_k, device)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, position_ids: Optional[torch.Tensor] = None
@@ -407,19 +577,24 @@ class SeerGate(_BlockGate):
         B, Hq, Sq, _ = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         b = self.block_size
-        mq, mk = _ceil_div(Sq, b), _ceil_div(Sk, b)
-        qf = _project(_pool_blocks(q, b, self.q_pooling), self.q_weight, self.q_bias)  # [B, Hq, Mq, hid]
-        kf = _project(_pool_blocks(k, b, self.k_pooling), self.k_weight, self.k_bias)  # [B, Hkv, Mk, hid]
+        mq, mk = ceil_div(Sq, b), ceil_div(Sk, b)
+        qf = _pool_blocks(q, b, self.q_pooling)  # [B, Hq, Mq, D * nq]
+        if self.q_weight is not None:
+            qf = _project(qf, self.q_weight, self.q_bias)  # [B, Hq, Mq, hid]
+        kp = _pool_blocks(k, b, self.k_pooling)  # [B, Hkv, Mk, D * nk]
+        if self.k_heads == "q":  # each query head projects its KV head's pooled keys with its own weights
+            kp = _repeat_heads(kp, Hq // Hkv)
+        kf = _project(kp, self.k_weight, self.k_bias)  # [B, Hkv or Hq, Mk, hid]
+        qpos = _query_positions(position_ids, B, Sq, Sk, q.device)  # [Bp, Sq] (validated either way)
         if self.use_rope:
-            qpos = _query_positions(position_ids, B, Sq, Sk, q.device)  # [Bp, Sq]
             key0 = qpos[:, -1:] - (Sk - 1)  # position of key 0, [Bp, 1]
-            qf = _rope(qf, _block_pos(qpos[:, ::b], b), self.rope_theta)
-            kstart = key0 + torch.arange(mk, device=q.device) * b
-            kf = _rope(kf, _block_pos(kstart, b), self.rope_theta)
-        elif position_ids is not None:
-            _query_positions(position_ids, B, Sq, Sk, q.device)  # still validate
-        group = Hq // Hkv
-        logits = torch.einsum("bkgmd,bknd->bkgmn", qf.view(B, Hkv, group, mq, -1), kf)
+            qf = self._rotate(qf, qpos[:, ::b])  # each query block at its first token's position
+            kf = self._rotate(kf, key0 + torch.arange(mk, device=q.device) * b)
+        if kf.shape[1] == Hq:
+            logits = torch.einsum("bhmd,bhnd->bhmn", qf, kf)
+        else:
+            group = Hq // Hkv
+            logits = torch.einsum("bkgmd,bknd->bkgmn", qf.reshape(B, Hkv, group, mq, -1), kf)
         logits = logits.reshape(B, Hq, mq, mk) * (1.0 / math.sqrt(self.hidden_size))
         return logits.masked_fill(~self.block_mask(Sq, Sk, q.device), float("-inf"))
 
@@ -476,307 +651,60 @@ def distillation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return row.sum() / valid.sum().clamp(min=1).to(row.dtype)
 
 
-# --------------------------------------------------------------------------------------------------
-# Save / load (safetensors + JSON, never pickle)
-# --------------------------------------------------------------------------------------------------
-_CONTAINERS = {"torch.nn.ModuleDict": nn.ModuleDict, "torch.nn.ModuleList": nn.ModuleList}
-_WEIGHTS_NAME = re.compile(r"gates-[0-9a-f]{16}\.safetensors")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_MAX_CONFIG_BYTES = 16 << 20  # a gates_config.json is a few hundred bytes per layer
-_MAX_GATES = 4096  # gates in one file (a model has one or two per layer)
-_MAX_TREE_DEPTH = 8  # containers nested in containers
-_GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+def seerattention_loss(logits: torch.Tensor, target: torch.Tensor, *, drop_first: float = 0.25) -> torch.Tensor:
+    """The SeerAttention authors' distillation loss: ``KL(target || softmax(logits))`` averaged over
+    *all elements* after dropping the first rows.
 
+    Row ``r`` is a query block (prefill, ``[B, H, Mq, Mk]``) or a query token (decode,
+    ``[B, Hkv, Sq, Mk]``). The first ``int(rows * drop_first)`` rows are dropped (the authors' prefill
+    drops ``Mq // 4``, "for training stability"; their decode drops ``int(S * loss_slice_ratio)``
+    with a default ratio of 0), then the pointwise ``target * (log target - log_softmax(logits))``
+    (0 where ``target == 0``) is averaged over every remaining element, masked blocks and rows
+    without target mass included -- ``torch.nn.KLDivLoss()``'s default ``"mean"`` reduction.
+    Compare :func:`distillation_loss` (ours): the mean over rows *with target mass* of each row's KL
+    (a sum over its ``Mk`` entries), no rows dropped. The authors' per-element mean is about ``Mk``
+    times smaller, so its scale (and, under gradient clipping, its step size) changes with the
+    sequence length; ours does not. The authors also multiply the loss by ``gate_loss_scale = 10``,
+    which AdamW ignores (up to eps and gradient clipping); not done here.
 
-def _gate_classes() -> Dict[str, type]:
-    from .seer_decode import SeerDecodeGate
-
-    return {"SeerGate": SeerGate, "SeerDecodeGate": SeerDecodeGate}
-
-
-def _describe(module: nn.Module, where: str) -> Dict[str, Any]:
-    """JSON tree that rebuilds ``module``: containers with children, gates with kwargs."""
-    classes = _gate_classes()
-    name = type(module).__name__
-    if name in classes and type(module) is classes[name]:
-        return {"class": name, "kwargs": module.get_config()}
-    if type(module) is nn.ModuleDict:
-        children = {k: _describe(m, f"{where}.{k}") for k, m in module.items()}
-        return {"class": "torch.nn.ModuleDict", "children": children}
-    if type(module) is nn.ModuleList:
-        items = [_describe(m, f"{where}.{i}") for i, m in enumerate(module)]
-        return {"class": "torch.nn.ModuleList", "children": items}
-    raise TypeError(
-        f"gates{where} is a {type(module).__name__}; save_gates stores SeerGate / SeerDecodeGate modules, "
-        "optionally nested in nn.ModuleDict / nn.ModuleList"
-    )
-
-
-def save_gates(path: Union[str, os.PathLike], gates: nn.Module, config: Optional[Dict[str, Any]] = None) -> None:
-    """Save gates to a directory, atomically: ``gates_config.json`` + ``gates-<hash>.safetensors``.
-
-    Layout (format version 2)::
-
-        path/gates_config.json           {"format": "sparse_attn.gates", "version": 2,
-                                          "weights": {"file": ..., "size": ..., "sha256": ...},
-                                          "modules": <tree>, "config": <config>}
-        path/gates-<16 hex>.safetensors  the state dict, named by the first 16 hex digits of its SHA-256
-
-    The JSON holds everything needed to rebuild the modules (class name and constructor kwargs of
-    every gate, nested in ``nn.ModuleDict`` / ``nn.ModuleList`` containers, e.g. a dict keyed by
-    layer index holding ``{"prefill": SeerGate, "decode": SeerDecodeGate}``), the weights file's
-    name, size and hash, and the caller's ``config`` (JSON-serialisable: base model name, training
-    settings, ...). Nothing is pickled.
-
-    Crash safety: the weights go to a new file (temporary name, fsync, rename), then the JSON that
-    names them replaces the old JSON in one ``os.replace`` (temporary file, fsync, replace,
-    directory fsync); only then are weight files the JSON no longer names deleted (also a version-1
-    ``gates.safetensors``). A crash at any point leaves the old gates or the new ones readable by
-    :func:`load_gates`, never a mix, plus at most unreferenced files that the next save removes.
-    One writer per directory at a time.
+    Masked entries (``-inf`` logits, ``target == 0``) contribute 0 and no NaN, also in whole rows of
+    ``-inf`` (a decode token in block 0). Differentiable w.r.t. ``logits``; float32.
 
     Args:
-        path: directory (created if missing).
-        gates: a gate, or containers of gates.
-        config: free-form JSON-serialisable dict (no NaN/Infinity, nested at most 63 levels),
-            returned by :func:`load_gates`.
+        logits: ``[..., rows, M]`` gate logits, ``-inf`` allowed.
+        target: same shape, rows summing to 1 or 0.
+        drop_first: fraction of the rows (dim -2) to drop, in ``[0, 1)``.
 
-    Raises:
-        TypeError / ValueError for what :func:`load_gates` would refuse (other module types,
-        more than 4096 gates or containers nested more than 8 deep, such a ``config``); nothing is
-        written then.
+    Returns:
+        a float32 scalar (0 when nothing is left).
 
     Example::
 
-        >>> gates = nn.ModuleDict({"0": nn.ModuleDict({"prefill": SeerGate(4, 2, 32)})})
-        >>> save_gates("out/gates", gates, {"base_model": "tiny-llama"})
-        >>> loaded, config = load_gates("out/gates")
+        >>> logits, target = torch.zeros(1, 1, 4, 2), torch.full((1, 1, 4, 2), 0.5)
+        >>> seerattention_loss(logits, target)          # KL 0 everywhere
+        tensor(0.)
     """
-    from safetensors.torch import save
+    for name, t in (("logits", logits), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same shape")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [..., rows, M], got shape {tuple(logits.shape)}")
+    if logits.device != target.device:
+        raise ValueError(f"logits and target must be on one device, got {logits.device} and {target.device}")
+    if isinstance(drop_first, bool) or not isinstance(drop_first, (int, float)) or not 0.0 <= drop_first < 1.0:
+        raise ValueError(f"drop_first must be a number in [0, 1), got {drop_first!r}")
+    start = int(logits.shape[-2] * drop_first)
+    x = logits[..., start:, :].float()
+    t = target[..., start:, :].detach().float()
+    if t.numel() == 0:
+        return x.sum() * 0.0
+    # a row of only -inf (nothing allowed, so no target mass) gets harmless logits: no NaN forward or back
+    dead = torch.isneginf(x).all(dim=-1, keepdim=True)
+    x = torch.where(dead, torch.zeros_like(x), x)
+    logp = torch.log_softmax(x, dim=-1).masked_fill(t <= 0, 0.0)
+    return (torch.xlogy(t, t) - t * logp).sum() / t.numel()
 
-    if not isinstance(gates, nn.Module):
-        raise TypeError(f"gates must be an nn.Module, got {type(gates).__name__}")
-    config = {} if config is None else config
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    tree = _describe(gates, "")
-    names = [n for n, m in gates.named_modules(remove_duplicate=False) if type(m) in _gate_classes().values()]
-    if len(names) > _MAX_GATES or max((n.count(".") + 1 for n in names if n), default=0) > _MAX_TREE_DEPTH:
-        raise ValueError(f"save_gates stores at most {_MAX_GATES} gates in containers nested at most "
-                         f"{_MAX_TREE_DEPTH} deep (load_gates refuses more)")
-    try:
-        json.dumps(config, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as e:
-        raise TypeError(f"config must be JSON-serialisable (no NaN/Infinity): {e}") from None
-    if _files.json_depth(config) > _files.MAX_JSON_DEPTH - 1:
-        raise ValueError(f"config nests deeper than {_files.MAX_JSON_DEPTH - 1} levels; load_gates would refuse it")
-    # clone: safetensors refuses tensors that share storage (a gate reused under two names)
-    state = gates.state_dict()
-    tensors = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format) for name, t in state.items()}
-    payload = save(tensors, metadata={"format": _FORMAT})
-    digest = _files.sha256_bytes(payload)
-    weights = f"gates-{digest[:16]}.safetensors"
-    meta = {"format": _FORMAT, "version": _FORMAT_VERSION,
-            "weights": {"file": weights, "size": len(payload), "sha256": digest}, "modules": tree, "config": config}
-    text = (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode("utf-8")
-    if len(text) > _MAX_CONFIG_BYTES:
-        raise ValueError(f"{GATES_CONFIG} would be {len(text)} bytes, more than load_gates reads ({_MAX_CONFIG_BYTES})")
-    path = os.fspath(path)
-    _files.make_dirs(path)
-    _files.atomic_write(os.path.join(path, weights), payload)  # a new name: the old JSON still names the old file
-    _files.atomic_write(os.path.join(path, GATES_CONFIG), text)  # the commit point
-    for name in sorted(os.listdir(path)):  # what no JSON names any more, and leftovers of crashed saves
-        stale = name != weights and (_WEIGHTS_NAME.fullmatch(name) or name == GATES_WEIGHTS)
-        if stale or _files.is_temp_name(name, "gates"):
-            _files.remove(os.path.join(path, name))
-
-
-class _MetaFactories(TorchDispatchMode):
-    """Inside, every op that takes a ``device`` (the factories: empty, zeros, rand, ...) makes a
-    ``meta`` tensor: modules get their shapes but no memory. Unlike ``with torch.device("meta")``
-    this acts at the dispatcher, so a wrapped ``torch.empty`` cannot bypass it (torch's device
-    context recognises factory functions by identity, cached at first use)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs:
-            kwargs["device"] = torch.device("meta")
-        return func(*args, **kwargs)
-
-
-def _model_dims(model_dims: Any) -> Optional[Dict[str, int]]:
-    if model_dims is None:
-        return None
-    keys = ("num_heads", "num_kv_heads", "head_dim")
-    if isinstance(model_dims, dict):
-        dims = {k: model_dims.get(k) for k in keys}
-    else:
-        dims = {k: getattr(model_dims, k, None) for k in keys}
-    for k, v in dims.items():
-        _check_positive_int(f"model_dims[{k!r}]", v)
-    return dims
-
-
-def _weights_entry(meta: Any, path: str, cfg_file: str) -> Tuple[str, Optional[Tuple[int, str]]]:
-    """Check the JSON's top level; ``(weights file, (size, sha256) or None for version 1)``."""
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise _files.CorruptFileError(cfg_file, "is not a sparse_attn gates config (no format 'sparse_attn.gates')")
-    version = meta.get("version")
-    if type(version) is not int or version not in (1, _FORMAT_VERSION):
-        raise _files.CorruptFileError(cfg_file, f"has format version {str(version)[:20]!r}; this code reads 1 and "
-                                                f"{_FORMAT_VERSION}")
-    keys = {"format", "version", "modules", "config"} | ({"weights"} if version >= 2 else set())
-    if set(meta) != keys:
-        raise _files.CorruptFileError(cfg_file, f"top-level keys must be {sorted(keys)}, got {sorted(meta)[:10]}")
-    if not isinstance(meta["config"], dict):
-        raise _files.CorruptFileError(cfg_file, "'config' must be a JSON object")
-    if version == 1:
-        return os.path.join(path, GATES_WEIGHTS), None
-    w = meta["weights"]
-    if not isinstance(w, dict) or set(w) != {"file", "size", "sha256"}:
-        raise _files.CorruptFileError(cfg_file, "'weights' must be an object with exactly file, size, sha256")
-    name, size, digest = w["file"], w["size"], w["sha256"]
-    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-        raise _files.CorruptFileError(cfg_file, "'weights.sha256' must be 64 lowercase hex digits")
-    if not isinstance(name, str) or name != f"gates-{digest[:16]}.safetensors":
-        raise _files.CorruptFileError(cfg_file, f"'weights.file' must be gates-<first 16 hex digits of sha256>"
-                                                f".safetensors, got {str(name)[:80]!r}")
-    if type(size) is not int or size < 8:
-        raise _files.CorruptFileError(cfg_file, f"'weights.size' must be an int >= 8, got {str(size)[:20]!r}")
-    return os.path.join(path, name), (size, digest)
-
-
-def _build(node: Any, where: str, cfg_file: str, dims: Optional[Dict[str, int]], count: list, depth: int = 0
-           ) -> nn.Module:
-    """Rebuild the module tree of a gates JSON (call under :class:`_MetaFactories`: nothing is
-    allocated); every problem is a CorruptFileError naming ``cfg_file`` and the entry."""
-
-    def bad(msg: str) -> Exception:
-        return _files.CorruptFileError(cfg_file, f"gates{where}: {msg}")
-
-    if depth > _MAX_TREE_DEPTH:
-        raise bad(f"modules nest deeper than {_MAX_TREE_DEPTH} levels")
-    if not isinstance(node, dict) or not isinstance(node.get("class"), str):
-        raise bad("is not a module description (an object with a 'class' string)")
-    cls_name = node["class"]
-    if cls_name in _CONTAINERS:
-        if set(node) != {"class", "children"}:
-            raise bad(f"a {cls_name} entry must have exactly 'class' and 'children', got {sorted(node)[:10]}")
-        children = node["children"]
-        try:
-            if cls_name == "torch.nn.ModuleDict":
-                if not isinstance(children, dict):
-                    raise bad("'children' of a ModuleDict must be a JSON object")
-                return nn.ModuleDict({k: _build(v, f"{where}.{k}", cfg_file, dims, count, depth + 1)
-                                      for k, v in children.items()})
-            if not isinstance(children, list):
-                raise bad("'children' of a ModuleList must be a JSON list")
-            return nn.ModuleList([_build(v, f"{where}.{i}", cfg_file, dims, count, depth + 1)
-                                  for i, v in enumerate(children)])
-        except (KeyError, TypeError) as e:  # a child name nn.Module refuses ("a.b", "", "training")
-            raise bad(f"bad child name ({e})"[:300]) from None
-    classes = _gate_classes()
-    if cls_name not in classes:
-        raise _files.CorruptFileError(cfg_file, f"unknown class {cls_name[:100]!r} at gates{where}")
-    count[0] += 1
-    if count[0] > _MAX_GATES:
-        raise bad(f"more than {_MAX_GATES} gates")
-    if set(node) != {"class", "kwargs"}:
-        raise bad(f"a {cls_name} entry must have exactly 'class' and 'kwargs', got {sorted(node)[:10]}")
-    kwargs = node["kwargs"]
-    if not isinstance(kwargs, dict):
-        raise bad("'kwargs' must be a JSON object")
-    names = set(inspect.signature(classes[cls_name].__init__).parameters) - {"self"}
-    if set(kwargs) != names:
-        raise bad(f"{cls_name} kwargs must be exactly {sorted(names)}; missing {sorted(names - set(kwargs))}, "
-                  f"unexpected {sorted(set(kwargs) - names)[:5]}"[:400])
-    try:
-        if dims is not None:
-            check_gate_options(kwargs, **dims, where=f"gates{where}")
-        return classes[cls_name](**kwargs)
-    except (TypeError, ValueError, AttributeError) as e:  # AttributeError: SeerGate(q_pooling=None)
-        raise bad(str(e)[:300]) from None
-
-
-def _check_tensors(gates: nn.Module, header: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]], weights_file: str,
-                   cfg_file: str) -> None:
-    """The safetensors header must hold exactly the modules' tensors, with their shapes, in a
-    floating dtype, one dtype per gate."""
-    want = {name: tuple(t.shape) for name, t in gates.state_dict(keep_vars=True).items()}
-    missing, unexpected = sorted(set(want) - set(header)), sorted(set(header) - set(want))
-    if missing or unexpected:
-        raise _files.CorruptFileError(weights_file, f"tensors do not match {cfg_file}: missing {missing[:4]}, "
-                                                    f"unexpected {[n[:60] for n in unexpected[:4]]}")
-    for name, shape in want.items():
-        dtype, got = header[name]
-        if got != shape:
-            raise _files.CorruptFileError(weights_file, f"tensor {name!r} has shape {list(got)}, but {cfg_file} "
-                                                        f"declares {list(shape)}")
-        if dtype not in _GATE_DTYPES:
-            raise _files.CorruptFileError(weights_file, f"tensor {name!r} has dtype {dtype}; gate weights are "
-                                                        "floating point")
-    classes = tuple(_gate_classes().values())
-    for prefix, module in gates.named_modules():
-        if isinstance(module, classes):
-            dtypes = {header[f"{prefix}.{n}" if prefix else n][0] for n, _ in module.named_parameters()}
-            if len(dtypes) > 1:
-                raise _files.CorruptFileError(weights_file, f"gate {prefix or '(root)'!r} mixes dtypes "
-                                                            f"{sorted(map(str, dtypes))}")
-
-
-def load_gates(
-    path: Union[str, os.PathLike],
-    *,
-    device: Optional[Union[str, torch.device]] = None,
-    model_dims: Any = None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Load gates saved by :func:`save_gates` (format version 2, or version 1): ``(gates, config)``.
-
-    Everything in the directory is treated as untrusted: the JSON is size- and depth-bounded and
-    type-checked; the modules are built on the ``meta`` device (nothing allocated) and every
-    parameter's name and shape is checked against the safetensors header (read without the data);
-    the weights file's size and SHA-256 are checked against the JSON (version 2); only then are the
-    tensors read, keeping the saved dtype, onto ``device`` (default CPU). A damaged or inconsistent
-    file is a :class:`~sparse_attn._files.CorruptFileError` (a ``ValueError``) whose message starts
-    with that file's path; a missing directory or JSON is a ``FileNotFoundError``.
-
-    Args:
-        path: a directory written by :func:`save_gates`.
-        device: where the tensors go.
-        model_dims: the model the gates are for (an object or dict with ``num_heads``,
-            ``num_kv_heads``, ``head_dim``, e.g. an ``AttentionSpec``): every gate must have these,
-            and sizes are bounded by them (:func:`check_gate_options`) before anything is built.
-
-    Example::
-
-        >>> gates, config = load_gates("out/gates", device="cuda")
-        >>> gates["0"]["prefill"](q, k)      # logits [B, Hq, Mq, Mk]
-    """
-    path = os.fspath(path)
-    cfg_file = os.path.join(path, GATES_CONFIG)
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"path must be a directory written by save_gates; missing {cfg_file}")
-    device = torch.device("cpu" if device is None else device)
-    dims = _model_dims(model_dims)
-    meta = _files.read_json(cfg_file, max_bytes=_MAX_CONFIG_BYTES)
-    weights_file, expected = _weights_entry(meta, path, cfg_file)
-    if not os.path.isfile(weights_file):
-        if expected is None:
-            raise FileNotFoundError(f"path must be a directory written by save_gates; missing {weights_file}")
-        raise _files.CorruptFileError(weights_file, f"is missing (named by {cfg_file})")
-    size = os.path.getsize(weights_file)
-    if expected is not None and size != expected[0]:
-        raise _files.CorruptFileError(weights_file, f"is {size} bytes, {cfg_file} says {expected[0]}")
-    header = _files.safetensors_header(weights_file)
-    with _MetaFactories():
-        gates = _build(meta["modules"], "", cfg_file, dims, [0])
-    _check_tensors(gates, header, weights_file, cfg_file)
-    data = _files.read_bytes(weights_file, max_bytes=size)
-    if expected is not None and _files.sha256_bytes(data) != expected[1]:
-        raise _files.CorruptFileError(weights_file, f"content does not match the SHA-256 in {cfg_file}")
-    state = _files.load_safetensors(data, weights_file)
-    got = {name: (t.dtype, tuple(t.shape)) for name, t in state.items()}
-    if got != header:  # the file changed under us
-        raise _files.CorruptFileError(weights_file, "changed while it was read")
-    gates.load_state_dict(state, strict=True, assign=True)
-    return gates.to(device), meta["config"]

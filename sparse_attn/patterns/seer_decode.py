@@ -9,19 +9,30 @@ one entry per ``block_size`` generated tokens: a decode step costs ``O(Mk * hidd
 and sparse decode.
 
 Its training target is ``attention_block_map(q, k, pool_queries=False, reduce_gqa="max")``
-(``[B, Hkv, Sq, Mk]``), with :func:`~sparse_attn.patterns.seer.distillation_loss`.
+(``[B, Hkv, Sq, Mk]``: per token, the largest probability of each key block over the group's heads,
+each row normalised), with :func:`~sparse_attn.patterns.seer.distillation_loss`. For a gate with
+``own_block="excluded"`` (SeerAttention-R's form) the target is the authors':
+``exclude_own_block=True`` keeps, for the token at key index ``p``, only the key blocks
+``c < p // block_size`` and renormalises the row over them. The target follows the gate's form (a
+target with mass on a block the gate never scores would make the KL infinite).
 
-Positions, masking and RoPE follow :mod:`sparse_attn.patterns.seer`. Two choices specific to the
-decode gate:
+Positions, masking and RoPE follow :mod:`sparse_attn.patterns.seer`. Choices specific to the
+decode gate (see :class:`SeerDecodeGate` for the options):
 
-* Query feature: the token's q of *all* heads of the GQA group, concatenated (``group * D`` values;
-  the same number of weights per layer as the prefill gate's per-head projections), projected per
-  KV head to ``hidden_size``. Concatenation keeps what distinguishes the heads; a mean would not.
-* Strictly causal per token: key block ``c`` is allowed for the token at key index ``p`` iff
-  ``c * b <= p``, and the token's own (diagonal) block is pooled over its keys *up to and including
-  p*, never over later keys. So a row of :meth:`SeerDecodeGate.forward` on a whole sequence (what
-  training sees) equals the scores :meth:`SeerDecodeGate.step` gives when that token is generated:
-  no train/inference mismatch, no look-ahead.
+* Query feature: by default the token's q of *all* heads of the GQA group, concatenated (``group
+  * D`` values; the same number of weights per layer as the prefill gate's per-head projections),
+  projected per KV head to ``hidden_size`` -- the authors' ``Qproj``. Concatenation keeps what
+  distinguishes the heads; a mean would not.
+* Strictly causal per token. Default (``own_block="pooled"``, ours): key block ``c`` is scored for
+  the token at key index ``p`` iff ``c * b <= p``, and the token's own (diagonal) block is pooled
+  over its keys *up to and including p*, never over later keys. The default is kept so that gates
+  trained before stay valid; ``own_block="excluded"`` (the authors') scores only ``c < p // b``,
+  which is cheaper per step and spends no capacity on a block the sparse decode always computes.
+  Either way a row of :meth:`SeerDecodeGate.forward` on a whole sequence (what training sees)
+  equals the scores :meth:`SeerDecodeGate.step` gives when that token is generated: no
+  train/inference mismatch, no look-ahead. (The authors' inference code rotates a block that
+  completes during decode at the completing token's position instead of the block's start used in
+  training; we keep the training positions.)
 
 Example::
 
@@ -37,22 +48,23 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from ..layout import _ceil_div
+from ..layout import ceil_div
 from .seer import (
     _BlockGate,
-    _block_pos,
+    _check_choice,
+    _check_common_kwargs,
     _check_qk,
     _pool_blocks,
     _project,
     _query_positions,
-    _rope,
+    _rms_norm,
 )
 
-__all__ = ["SeerDecodeGate", "SeerDecodeCache"]
+__all__ = ["SeerDecodeGate", "SeerDecodeCache", "QUERY_FORMS", "OWN_BLOCK"]
 
 
 def _prefix_pool(k: torch.Tensor, block_size: int, modes: Sequence[str], num_tokens: int) -> torch.Tensor:
@@ -64,7 +76,7 @@ def _prefix_pool(k: torch.Tensor, block_size: int, modes: Sequence[str], num_tok
     B, H, Sk, D = k.shape
     first = max(Sk - num_tokens, 0) // block_size * block_size
     ks = k[:, :, first:]
-    n_blocks = _ceil_div(Sk - first, block_size)
+    n_blocks = ceil_div(Sk - first, block_size)
     pad = n_blocks * block_size - (Sk - first)
     if pad:  # trailing padding never reaches a prefix that ends on a real key
         ks = torch.nn.functional.pad(ks, (0, 0, 0, pad))
@@ -116,28 +128,60 @@ class SeerDecodeCache:
         return f"SeerDecodeCache(length={self.length}, blocks={self.num_blocks}, partial={n}, offset={self.offset})"
 
 
+#: query forms of :class:`SeerDecodeGate` (the authors' names: Qproj, Qavgproj, Qavg, Qorig)
+QUERY_FORMS = ("proj", "avg_proj", "avg", "orig")
+OWN_BLOCK = ("pooled", "excluded")
+
+
 class SeerDecodeGate(_BlockGate):
     """Block gate for decode: one score row per query token, shared by each GQA group.
 
     ``forward(q, k)`` gives ``logits [B, Hkv, Sq, Mk]`` with
-    ``logits[b, g, t, c] = qg_g[t] . k_g[c] / sqrt(hidden_size)``, where ``qg_g[t]`` is the
-    projection of the token's queries of all heads of group ``g`` (concatenated) and ``k_g[c]`` that
-    of key block ``c`` pooled with each of ``k_pooling``; both rotated by RoPE at block positions.
-    Row ``t`` (key index ``p = t + Sk - Sq``) allows key blocks ``c <= p // b`` (``-inf``
-    elsewhere) and pools its own block only up to ``p`` (see the module docstring). Example of the
-    allowed pattern, ``b = 4``, ``Sq = 3``, ``Sk = 9`` (``p = 6, 7, 8``)::
+    ``logits[b, g, t, c] = qg_g[t] . k_g[c] / sqrt(hidden_size)``, where ``k_g[c]`` is key block
+    ``c`` of KV head ``g`` pooled with each of ``k_pooling``, projected (``k_weight [Hkv,
+    D * len(k_pooling), hidden]``), optionally RMS-normalised (``qk_norm``) and rotated at the
+    block's start position, and ``qg_g[t]`` the token's query feature for group ``g`` (``query``):
 
-        t\\c 0 1 2
-        0   1 1 0
-        1   1 1 0
-        2   1 1 1
+    * ``"proj"`` (default; the authors' ``Qproj``): the queries of all ``G = Hq // Hkv`` heads of the
+      group, concatenated (head-major, ``G * D`` values), projected per KV head
+      (``q_weight [Hkv, G * D, hidden]``). Keeps what distinguishes the heads; a mean would not.
+    * ``"avg_proj"`` (``Qavgproj``): the group's mean query, projected (``q_weight [Hkv, D, hidden]``).
+    * ``"avg"`` (``Qavg``): the group's mean query itself (``hidden_size == head_dim``).
+    * ``"orig"`` (``Qorig``): every head's query itself (``hidden_size == head_dim``), the scores
+      averaged over the group's heads (with ``qk_norm`` each head is normalised first).
+
+    then RMS-normalised (``qk_norm``) and rotated at the token's position.
+
+    Which key blocks a row scores (``own_block``; the token at key index ``p = t + Sk - Sq`` lies in
+    block ``p // b``):
+
+    * ``"pooled"`` (ours, the default): ``c <= p // b``; the token's own block is pooled over its
+      keys up to and including ``p`` only. Example, ``b = 4``, ``Sq = 3``, ``Sk = 9`` (``p = 6, 7, 8``)::
+
+          t\\c 0 1 2
+          0   1 1 0
+          1   1 1 0
+          2   1 1 1
+
+    * ``"excluded"`` (SeerAttention-R): ``c < p // b``. The own block is never scored (the sparse
+      decode always computes it), a token of block 0 scores nothing (a row of ``-inf``), and a
+      decode step needs only the cache of completed blocks. The distillation target drops the own
+      block too (``attention_block_map(..., exclude_own_block=True)``).
+
+    ``-inf`` elsewhere. Either way no row depends on a later key, so a row of ``forward`` on a whole
+    sequence (what training sees) equals what :meth:`step` gives when that token is generated.
 
     ``step`` does the same one token at a time from a :class:`SeerDecodeCache`.
 
     Args:
         num_heads, num_kv_heads, head_dim: the attention layer's ``Hq``, ``Hkv``, ``D``.
-        block_size, hidden_size, k_pooling, use_rope, rope_theta: as for
-            :class:`~sparse_attn.patterns.SeerGate`.
+        block_size, hidden_size, k_pooling, use_rope, rope_theta, bias, rope_positions, rope_scaling: as for
+            :class:`~sparse_attn.patterns.SeerGate` (``rope_positions="token"``: the query at its
+            token position, key blocks at their first token's, as the authors' decode gate).
+        query: ``"proj"``, ``"avg_proj"``, ``"avg"`` or ``"orig"`` (above).
+        qk_norm: RMSNorm (eps 1e-6, a learned ``[hidden]`` weight each: ``q_norm_weight``,
+            ``k_norm_weight``) on the projected query and key features, before RoPE.
+        own_block: ``"pooled"`` or ``"excluded"`` (above).
 
     Example::
 
@@ -145,6 +189,9 @@ class SeerDecodeGate(_BlockGate):
         >>> gate(torch.randn(1, 4, 3, 16), torch.randn(1, 2, 9, 16)).shape
         torch.Size([1, 2, 3, 3])
     """
+
+    _LEGACY_DEFAULTS = {"query": "proj", "bias": True, "qk_norm": False, "rope_positions": "block",
+                        "rope_scaling": None, "own_block": "pooled"}
 
     def __init__(
         self,
@@ -157,27 +204,59 @@ class SeerDecodeGate(_BlockGate):
         k_pooling: Sequence[str] = ("max", "min", "avg"),
         use_rope: bool = True,
         rope_theta: float = 10000.0,
+        query: str = "proj",
+        bias: bool = True,
+        qk_norm: bool = False,
+        rope_positions: str = "block",
+        rope_scaling: Optional[Dict[str, Any]] = None,
+        own_block: str = "pooled",
     ) -> None:
+        _check_common_kwargs(num_heads, num_kv_heads, head_dim, block_size, hidden_size, use_rope, rope_theta)
+        _check_choice("query", query, QUERY_FORMS)
+        _check_choice("own_block", own_block, OWN_BLOCK)
+        if query in ("avg", "orig") and hidden_size != head_dim:
+            raise ValueError(f"query={query!r} uses the queries without a projection, so hidden_size must equal "
+                             f"head_dim={head_dim}, got {hidden_size}")
+        group = num_heads // num_kv_heads
+        q_shape = {"proj": (num_kv_heads, group * head_dim), "avg_proj": (num_kv_heads, head_dim)}.get(query)
         super().__init__(num_heads, num_kv_heads, head_dim, block_size, hidden_size, k_pooling, use_rope,
-                         rope_theta)
+                         rope_theta, q_shape=q_shape, k_heads=num_kv_heads, bias=bias,
+                         rope_positions=rope_positions, qk_norm=qk_norm, rope_scaling=rope_scaling)
+        self.query = query
+        self.own_block = own_block
 
-    def _query_projection_shape(self) -> Tuple[int, int]:
-        # per KV head: the token's queries of the whole GQA group, concatenated
-        return self.num_kv_heads, (self.num_heads // self.num_kv_heads) * self.head_dim
+    def _extra_config(self) -> Dict[str, Any]:
+        return {"query": self.query, "qk_norm": self.qk_norm, "own_block": self.own_block}
 
     # -- pieces shared by forward and step ----------------------------------------------------
     def _query_features(self, q: torch.Tensor) -> torch.Tensor:
-        """``q [B, Hq, S, D]`` -> float32 ``[B, Hkv, S, hidden]`` (group heads concatenated)."""
+        """``q [B, Hq, S, D]`` -> float32 ``[B, Hkv, S, hidden]``, before RoPE (``query`` form,
+        ``qk_norm``). For ``"orig"`` the group's normalised head features are averaged: RoPE and
+        the dot product are linear, so scoring the mean equals averaging the heads' scores."""
         B, _, S, D = q.shape
-        group = self.num_heads // self.num_kv_heads
-        qg = q.reshape(B, self.num_kv_heads, group, S, D).permute(0, 1, 3, 2, 4).reshape(B, self.num_kv_heads, S, -1)
-        return _project(qg, self.q_weight, self.q_bias)
+        Hkv, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        if self.query == "proj":
+            qg = q.reshape(B, Hkv, group, S, D).permute(0, 1, 3, 2, 4).reshape(B, Hkv, S, group * D)
+            f = _project(qg, self.q_weight, self.q_bias)
+        elif self.query == "orig":
+            f = q.float()  # [B, Hq, S, D]: per head, averaged below (after the norm)
+        else:
+            f = q.float().reshape(B, Hkv, group, S, D).mean(dim=2)
+            if self.query == "avg_proj":
+                f = _project(f, self.q_weight, self.q_bias)
+        if self.qk_norm:
+            f = _rms_norm(f, self.q_norm_weight)
+        if self.query == "orig":
+            f = f.reshape(B, Hkv, group, S, -1).mean(dim=2)
+        return f
 
     def _key_features(self, pooled: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         """Pooled keys ``[B, Hkv, N, D*nk]`` whose blocks start at integer positions ``start_pos
-        [Bp, N]`` -> projected and rotated float32 ``[B, Hkv, N, hidden]``."""
+        [Bp, N]`` -> projected, normalised and rotated float32 ``[B, Hkv, N, hidden]``."""
         kf = _project(pooled, self.k_weight, self.k_bias)
-        return _rope(kf, _block_pos(start_pos, self.block_size), self.rope_theta) if self.use_rope else kf
+        if self.qk_norm:
+            kf = _rms_norm(kf, self.k_norm_weight)
+        return self._rotate(kf, start_pos)
 
     # -- full computation -----------------------------------------------------------------------
     def forward(
@@ -192,7 +271,8 @@ class SeerDecodeGate(_BlockGate):
                 tokens (RoPE only); default ``Sk - Sq .. Sk - 1``.
 
         Returns:
-            float32 ``[B, Hkv, Sq, ceil(Sk/b)]``; ``-inf`` on key blocks after the token's own.
+            float32 ``[B, Hkv, Sq, ceil(Sk/b)]``; ``-inf`` on key blocks after the token's own
+            (``own_block="pooled"``) or from its own on (``"excluded"``).
 
         Example::
 
@@ -205,22 +285,24 @@ class SeerDecodeGate(_BlockGate):
         B, _, Sq, _ = q.shape
         Sk = k.shape[2]
         b = self.block_size
-        mk = _ceil_div(Sk, b)
+        mk = ceil_div(Sk, b)
         dev = q.device
         tok = torch.arange(Sq, device=dev) + (Sk - Sq)  # key index of each query token
         diag = torch.div(tok, b, rounding_mode="floor")  # its own key block (-1 or less: sees nothing)
         qpos = _query_positions(position_ids, B, Sq, Sk, dev)  # [Bp, Sq]
         key0 = qpos[:, -1:] - (Sk - 1)  # absolute position of key 0, [Bp, 1]
-        qf = self._query_features(q)  # [B, Hkv, Sq, hid]
-        if self.use_rope:
-            qf = _rope(qf, _block_pos(qpos, b), self.rope_theta)
+        qf = self._rotate(self._query_features(q), qpos)  # [B, Hkv, Sq, hid]
         kf = self._key_features(_pool_blocks(k, b, self.k_pooling), key0 + torch.arange(mk, device=dev) * b)
-        kd = self._key_features(_prefix_pool(k, b, self.k_pooling, Sq), key0 + diag.clamp(min=0) * b)
-        full = torch.einsum("bhsd,bhnd->bhsn", qf, kf)  # [B, Hkv, Sq, Mk]
-        own = (qf * kd).sum(dim=-1, keepdim=True)  # the token's block, pooled up to the token
+        logits = torch.einsum("bhsd,bhnd->bhsn", qf, kf)  # [B, Hkv, Sq, Mk]
         col = torch.arange(mk, device=dev)
-        logits = torch.where(col == diag[:, None], own, full) * (1.0 / math.sqrt(self.hidden_size))
-        return logits.masked_fill(col > diag[:, None], float("-inf"))
+        if self.own_block == "pooled":
+            kd = self._key_features(_prefix_pool(k, b, self.k_pooling, Sq), key0 + diag.clamp(min=0) * b)
+            own = (qf * kd).sum(dim=-1, keepdim=True)  # the token's block, pooled up to the token
+            logits = torch.where(col == diag[:, None], own, logits)
+            hidden = col > diag[:, None]
+        else:
+            hidden = col >= diag[:, None]
+        return (logits * (1.0 / math.sqrt(self.hidden_size))).masked_fill(hidden, float("-inf"))
 
     # -- incremental decode ---------------------------------------------------------------------
     def new_cache(self) -> SeerDecodeCache:
@@ -296,7 +378,8 @@ class SeerDecodeGate(_BlockGate):
             position: absolute position of the query token (default: key 0 is at position 0).
 
         Returns:
-            float32 ``[B, Hkv, 1, ceil(length / b)]`` (every block is visible to the newest token).
+            float32 ``[B, Hkv, 1, ceil(length / b)]`` (every block is scored for the newest token;
+            with ``own_block="excluded"`` the last block, which holds it, is ``-inf``).
 
         Example::
 
@@ -317,14 +400,19 @@ class SeerDecodeGate(_BlockGate):
             raise ValueError("the cache is empty: k_new must hold at least one key on the first step")
         b = self.block_size
         pos = cache.offset + cache.length - 1
-        qf = self._query_features(q_tok)  # [B, Hkv, 1, hid]
-        if self.use_rope:
-            qf = _rope(qf, _block_pos(torch.full((1, 1), pos, device=q_tok.device), b), self.rope_theta)
+        qf = self._rotate(self._query_features(q_tok), torch.full((1, 1), pos, device=q_tok.device))
         parts = []
         if cache.k_blocks is not None:
             parts.append(torch.einsum("bhsd,bhnd->bhsn", qf, cache.k_blocks))
         if cache.partial is not None:
-            start = torch.full((1, 1), cache.offset + cache.num_blocks * b, device=q_tok.device)
-            kp = self._key_features(_pool_blocks(cache.partial, b, self.k_pooling), start)
-            parts.append((qf * kp).sum(dim=-1, keepdim=True))
-        return torch.cat(parts, dim=-1) * (1.0 / math.sqrt(self.hidden_size))
+            if self.own_block == "pooled":
+                start = torch.full((1, 1), cache.offset + cache.num_blocks * b, device=q_tok.device)
+                kp = self._key_features(_pool_blocks(cache.partial, b, self.k_pooling), start)
+                parts.append((qf * kp).sum(dim=-1, keepdim=True))
+            else:  # never scored: the column is masked below
+                parts.append(qf.new_zeros(qf.shape[:-1] + (1,)))
+        logits = torch.cat(parts, dim=-1) * (1.0 / math.sqrt(self.hidden_size))
+        if self.own_block == "excluded":  # the last block (complete or not) holds the token
+            last = torch.arange(logits.shape[-1], device=q_tok.device) == logits.shape[-1] - 1
+            logits = logits.masked_fill(last, float("-inf"))
+        return logits

@@ -5,6 +5,9 @@ Example::
     sparse-attn train-gates --model ./Llama-3.2-1B --data corpus.jsonl --steps 500 \\
         --seq-len 4096 --batch-size 2 --grad-accum 4 --out ./gates
 
+Needs the ``train`` extra (``pip install 'sparse_attn[train]'``: transformers, safetensors, tqdm);
+without transformers the command says so and exits with status 2.
+
 The gates land in ``--out`` (``gates_config.json`` + the ``gates-<hash>.safetensors`` it names,
 written atomically); load them with ``apply_sparse_attention(model, method="seer", gates="./gates")``.
 With ``--save-every N`` checkpoints go to ``--out/checkpoints/step-NNNNNN/`` (complete or absent
@@ -36,7 +39,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--threshold", type=float, default=2e-3, help="selection threshold stored with the gates")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--density", type=float, default=None,
+                      help="selection stored with the gates: this share of each row's causal blocks (default 0.2)")
+    rule.add_argument("--threshold", type=float, default=None, help="selection: softmax probability threshold")
+    rule.add_argument("--topk", type=int, default=None, help="selection: this many blocks per row")
+    rule.add_argument("--nz-ratio", type=float, default=None, help="selection: the SeerAttention nz_ratio rule")
+    p.add_argument("--loss", choices=("sparse_attn", "seerattention"), default="sparse_attn",
+                   help="distillation loss: ours (mean row KL) or the SeerAttention authors' (mean element KL, "
+                        "first quarter of the query blocks dropped)")
     p.add_argument("--save-every", type=int, default=0,
                    help="checkpoint every N steps and at the end (0: no checkpoints; the gates are saved anyway)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (default 2)")
@@ -49,8 +60,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _need_transformers() -> Optional[str]:
+    """None when transformers imports, else the message that says how to install it."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        return (f"train-gates needs the Hugging Face transformers package ({exc}); install the training extra: "
+                "pip install 'sparse_attn[train]'")
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    missing = _need_transformers()
+    if missing:
+        print(f"train-gates: {missing}", file=sys.stderr)
+        return 2
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not os.path.isdir(args.model):
         print(f"train-gates: --model {args.model!r} is not a directory (nothing is downloaded)", file=sys.stderr)
         return 2
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device)
     tokenizer = None
     try:
         from transformers import AutoTokenizer
@@ -77,8 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         tokenizer=tokenizer, output_dir=args.out, save_every=args.save_every, resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
-        max_chars=args.max_chars, seed=args.seed, progress=not args.no_progress,
-        method_options={"block_size": args.block_size, "threshold": args.threshold},
+        max_chars=args.max_chars, seed=args.seed, progress=not args.no_progress, loss=args.loss,
+        method_options={"block_size": args.block_size, **_selection(args)},
     )
     hist = result["history"]
     summary = {"steps": len(hist), "first_loss": hist[0]["loss"] if hist else None,
@@ -86,6 +111,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     _files.atomic_write(os.path.join(args.out, "train_log.json"), json.dumps(hist, indent=1).encode("utf-8"))
     print(json.dumps(summary))
     return 0
+
+
+def _selection(args: argparse.Namespace) -> dict:
+    """The selection rule given on the command line (the pattern's default, density 0.2, if none)."""
+    given = {"density": args.density, "threshold": args.threshold, "topk": args.topk, "nz_ratio": args.nz_ratio}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 if __name__ == "__main__":

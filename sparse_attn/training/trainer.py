@@ -6,8 +6,10 @@ One optimisation step:
    patched attention (``sparse_attn.integrations.transformers``, pattern in ``distill``
    mode) computes the dense output and, in the same pass, the block max-pooled attention
    map (``attention_block_map``, the target); the layer's gate scores the pre-RoPE q/k and
-   the layer stores ``KL(target || softmax(gate logits))`` in ``last_loss`` (and, when it holds
-   a decode gate, the loss against the per-token GQA-max map in ``last_decode_loss``);
+   the layer stores ``KL(target || softmax(gate logits))`` in ``last_loss`` -- ours, the mean
+   over query rows, or with ``loss="seerattention"`` the authors' mean over elements after
+   dropping the first quarter of the query-block rows -- (and, when it holds a decode gate, the
+   loss against the per-token GQA-max map in ``last_decode_loss``);
 2. the loss is the sum over layers; only gate parameters get gradients (the base model's
    parameters are frozen, so no activation of the base model is kept for backward);
 3. AdamW, cosine schedule with linear warm-up, optional gradient accumulation.
@@ -66,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     block_size: int = 64
     method_options: Dict[str, Any] = field(default_factory=dict)
+    loss: str = "sparse_attn"
 
 
 def cosine_schedule(step: int, cfg: TrainConfig) -> float:
@@ -78,24 +81,72 @@ def cosine_schedule(step: int, cfg: TrainConfig) -> float:
 
 
 def gate_modules(model: nn.Module) -> List[nn.Module]:
-    """The model's per-layer pattern modules that hold a trainable gate (in layer order)."""
+    """The model's per-layer pattern modules that hold a trainable gate, prefill or decode (in layer order)."""
     from ..integrations.transformers import sparse_patterns
 
-    return [p for _, p in sorted(sparse_patterns(model).items()) if getattr(p, "gate", None) is not None]
+    return [p for _, p in sorted(sparse_patterns(model).items())
+            if getattr(p, "gate", None) is not None or getattr(p, "decode_gate", None) is not None]
 
 
-def _tokens(data, tokenizer, max_chars: Optional[int]) -> torch.Tensor:
+def _vocab_size(model: nn.Module) -> Optional[int]:
+    """How many token ids the model embeds (its input embedding's rows, else ``config.vocab_size``)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    if n is None:
+        n = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _model_eos(model: nn.Module, vocab: int) -> Optional[int]:
+    """The model config's ``eos_token_id`` (the first, if a list) when it is an id the model has."""
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    for cand in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if isinstance(cand, int) and not isinstance(cand, bool) and 0 <= cand < vocab:
+            return cand
+    return None
+
+
+def _tokens(data, tokenizer, max_chars: Optional[int], model: Optional[nn.Module] = None) -> torch.Tensor:
+    """The training token stream, every id checked against ``model``'s vocabulary before training.
+
+    The document separator is the tokenizer's ``eos_token_id``; when the model has no such id (the
+    :class:`ByteTokenizer`'s 256 for a 256-symbol byte model) it is the model's own
+    ``eos_token_id`` (with a warning), and without one a ValueError says what to do. Any other id the
+    model lacks (a tokenizer that does not fit the model) is a ValueError -- not an IndexError deep
+    inside the embedding after the run has started."""
+    vocab = None if model is None else _vocab_size(model)
     if isinstance(data, torch.Tensor):
         if data.dtype not in (torch.int32, torch.int64) or data.dim() != 1:
             raise ValueError("a tensor `data` must be a 1-D integer token stream")
-        return data.long()
-    tok = tokenizer if tokenizer is not None else ByteTokenizer()
-    if isinstance(tok, ByteTokenizer):
-        encode = tok.encode
-    else:  # a Hugging Face tokenizer: no BOS inside packed sequences
-        encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    eos = getattr(tok, "eos_token_id", None)
-    return tokenize_documents(read_documents(data, max_chars=max_chars), encode, eos)
+        ids = data.long()
+        source = "data"
+    else:
+        tok = tokenizer if tokenizer is not None else ByteTokenizer()
+        if isinstance(tok, ByteTokenizer):
+            encode = tok.encode
+        else:  # a Hugging Face tokenizer: no BOS inside packed sequences
+            encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        eos = getattr(tok, "eos_token_id", None)
+        if eos is not None and vocab is not None and not 0 <= int(eos) < vocab:
+            alt = _model_eos(model, vocab)
+            if alt is None:
+                raise ValueError(f"the tokenizer's document separator (eos_token_id={eos}) is not a token of the "
+                                 f"model, whose vocabulary has {vocab} ids (0..{vocab - 1}), and the model's config "
+                                 "names no eos_token_id it has: set model.config.eos_token_id, or give a tokenizer "
+                                 "that fits the model")
+            warnings.warn(f"the tokenizer's document separator (eos_token_id={eos}) is not a token of the model "
+                          f"({vocab} ids); separating documents with the model's eos_token_id={alt} instead",
+                          UserWarning, stacklevel=3)
+            eos = alt
+        ids = tokenize_documents(read_documents(data, max_chars=max_chars), encode, eos)
+        source = f"the tokenizer ({type(tok).__name__})"
+    if vocab is not None and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{source} gives token id {bad}, but the model's vocabulary has {vocab} ids "
+                             f"(0..{vocab - 1}): the tokens do not fit this model")
+    return ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +327,8 @@ def _resume(root: str, gates: nn.ModuleDict, opt: torch.optim.Optimizer, cfg: Tr
         if damaged:
             warnings.warn(f"skipped damaged checkpoint(s): {'; '.join(damaged)}; resuming from {path}",
                           CheckpointWarning, stacklevel=3)
-        for key in ("seq_len", "batch_size", "grad_accum", "block_size", "method", "seed"):
+        ck["config"].setdefault("loss", "sparse_attn")  # checkpoints older than the option
+        for key in ("seq_len", "batch_size", "grad_accum", "block_size", "method", "seed", "loss"):
             if ck["config"].get(key) != getattr(cfg, key):
                 raise ValueError(f"checkpoint {path!r} was made with {key}={ck['config'].get(key)!r}, "
                                  f"this run has {getattr(cfg, key)!r}")
@@ -311,6 +363,7 @@ def train_gates(
     seed: int = 0,
     progress: bool = True,
     method_options: Optional[Dict[str, Any]] = None,
+    loss: str = "sparse_attn",
 ) -> Dict[str, Any]:
     """Train the gates of ``model`` by self-distillation; the base model stays frozen.
 
@@ -336,6 +389,16 @@ def train_gates(
         max_chars: read at most this many characters of text.
         progress: a tqdm bar with loss, tokens/s and ETA.
         method_options: extra options for ``apply_sparse_attention`` when gates are attached.
+        loss: ``"sparse_attn"`` (ours, default: :func:`~sparse_attn.patterns.seer.distillation_loss`,
+            the mean over query rows of each row's KL) or ``"seerattention"`` (the authors':
+            :func:`~sparse_attn.patterns.seer.seerattention_loss`, the KL averaged over all elements
+            after dropping the first quarter of the query-block rows; decode rows: none dropped,
+            their ``loss_slice_ratio`` default). Either way summed over layers (and prefill +
+            decode gates).
+
+    Token ids are checked against the model's vocabulary before training starts (see
+    :func:`_tokens`): a document separator the model lacks is replaced by the model's
+    ``eos_token_id``, with a warning, or refused.
 
     Returns:
         ``{"history": [{"step", "loss", "lr", "tokens_per_s"}...], "gates": nn.ModuleDict,
@@ -349,6 +412,10 @@ def train_gates(
     """
     if method != "seer":
         raise ValueError(f"method must be 'seer' (the only trainable pattern so far), got {method!r}")
+    from ..modules.seer import LOSSES
+
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     for name, val in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum),
                       ("keep_checkpoints", keep_checkpoints)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -358,7 +425,7 @@ def train_gates(
     cfg = TrainConfig(method=method, steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
                       grad_accum=grad_accum, warmup_steps=max(1, steps // 20) if warmup_steps is None else warmup_steps,
                       weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
-                      method_options=dict(method_options or {}))
+                      method_options=dict(method_options or {}), loss=loss)
     torch.manual_seed(seed)
 
     from ..integrations.transformers import apply_sparse_attention, collect_gates
@@ -377,9 +444,9 @@ def train_gates(
     device = params[0].device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
-    tokens = _tokens(data, tokenizer, max_chars)
+    tokens = _tokens(data, tokenizer, max_chars, model)
     packed = PackedSequences(tokens, seq_len, batch_size, seed=seed)
-    gate_config = {"method": "seer", "trained_steps": 0, "seq_len": seq_len,
+    gate_config = {"method": "seer", "trained_steps": 0, "seq_len": seq_len, "loss": loss,
                    "options": dict(getattr(model.config, "sparse_attention", {}) or {})}
 
     ckpt = os.path.join(output_dir, CHECKPOINTS_DIR) if output_dir else None
@@ -405,6 +472,7 @@ def train_gates(
     model.eval()  # dropout off: the target must be the model's real attention
     for m in patterns:
         m.distill = True
+        m.distill_loss = loss
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -415,13 +483,14 @@ def train_gates(
                 with amp:
                     model(input_ids=ids, use_cache=False)
                 # prefill gates, plus decode gates where the pattern holds one
-                loss = sum(m.last_loss for m in patterns if m.last_loss is not None)
-                loss = loss + sum(getattr(m, "last_decode_loss", None) for m in patterns
-                                  if getattr(m, "last_decode_loss", None) is not None)
-                if not isinstance(loss, torch.Tensor):
-                    raise RuntimeError("no layer produced a distillation loss: is the model patched with method='seer'?")
-                (loss / grad_accum).backward()
-                total += float(loss.detach()) / grad_accum
+                step_loss = sum(m.last_loss for m in patterns if m.last_loss is not None)
+                step_loss = step_loss + sum(getattr(m, "last_decode_loss", None) for m in patterns
+                                            if getattr(m, "last_decode_loss", None) is not None)
+                if not isinstance(step_loss, torch.Tensor):
+                    raise RuntimeError("no layer produced a distillation loss: is the model patched with "
+                                       "method='seer'?")
+                (step_loss / grad_accum).backward()
+                total += float(step_loss.detach()) / grad_accum
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
@@ -441,6 +510,7 @@ def train_gates(
     finally:
         for m in patterns:
             m.distill = False
+            m.distill_loss = "sparse_attn"
             m.last_loss = None
             if hasattr(m, "last_decode_loss"):
                 m.last_decode_loss = None
