@@ -21,6 +21,7 @@ __all__ = [
     "assert_no_nan",
     "assert_rows_within",
     "run_fwd_bwd",
+    "assert_matches_reference",
     "s2_rule_mask",
 ]
 
@@ -193,6 +194,24 @@ def run_fwd_bwd(fn, q, k, v, do, dlse):
     loss = (out.float() * do.float()).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
     loss.backward()
     return out, lse, q.grad, k.grad, v.grad
+
+
+def assert_matches_reference(q, k, v, layout, ref_layout, causal, backend):
+    """``sparse_attention(q, k, v, layout)`` on ``backend`` equals ``reference_attention`` with
+    ``ref_layout`` (the same mask in another form), forward and the gradients of
+    ``sum(out ** 2)`` (q, k, v are leaves with ``requires_grad``)."""
+    from sparse_attn import reference_attention, sparse_attention
+
+    out = sparse_attention(q, k, v, layout, causal=causal, backend=backend)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = reference_attention(q, k, v, ref_layout, causal=causal)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
 
 
 def s2_rule_mask(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride, *, num_kv_heads=None,

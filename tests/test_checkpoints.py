@@ -61,6 +61,25 @@ def crash_at(n, monkeypatch):
         yield done
 
 
+def crashed_copies(base, tmp_path, monkeypatch, save):
+    """Yield ``(n, path, total)`` for each ``n`` in ``0 .. total``: ``path`` a fresh copy of ``base``
+    on which ``save(path)`` was cut at its ``n``-th file-system change (``total``, the changes one
+    whole save makes, counted first; ``n == total``: the save completed)."""
+    shutil.copytree(base, tmp_path / "count")
+    with crash_at(10**9, monkeypatch) as ops:
+        save(tmp_path / "count")
+    for n in range(len(ops) + 1):
+        path = tmp_path / f"crash{n}"
+        shutil.copytree(base, path)
+        with crash_at(n, monkeypatch):
+            if n < len(ops):
+                with pytest.raises(SimulatedCrash):
+                    save(path)
+            else:
+                save(path)
+        yield n, path, len(ops)
+
+
 def _gates(seed):
     torch.manual_seed(seed)
     return nn.ModuleDict({"0": nn.ModuleDict({"prefill": SeerGate(4, 2, 8, block_size=16, hidden_size=8),
@@ -88,19 +107,8 @@ def test_save_gates_survives_a_crash_at_every_write(tmp_path, monkeypatch, old_f
         (base / meta.pop("weights")["file"]).rename(base / GATES_WEIGHTS)
         meta["version"] = 1
         (base / GATES_CONFIG).write_text(json.dumps(meta))
-    shutil.copytree(base, tmp_path / "count")
-    with crash_at(10**9, monkeypatch) as ops:  # the changes one whole save makes
-        save_gates(tmp_path / "count", new, {"which": "new"})
     seen = []
-    for n in range(len(ops) + 1):
-        path = tmp_path / f"crash{n}"
-        shutil.copytree(base, path)
-        with crash_at(n, monkeypatch):
-            if n < len(ops):
-                with pytest.raises(SimulatedCrash):
-                    save_gates(path, new, {"which": "new"})
-            else:
-                save_gates(path, new, {"which": "new"})
+    for n, path, _ in crashed_copies(base, tmp_path, monkeypatch, lambda p: save_gates(p, new, {"which": "new"})):
         loaded, config = load_gates(path)  # complete old gates, or complete new ones
         seen.append(config["which"])
         assert _equal(_state(loaded), _state(new if seen[-1] == "new" else old)), n
@@ -161,21 +169,10 @@ def two_checkpoints(tmp_path):
 
 def test_checkpoint_survives_a_crash_at_every_write(tmp_path, monkeypatch, two_checkpoints):
     base, gates, opt, snaps = two_checkpoints
-    shutil.copytree(base, tmp_path / "count")
-    with crash_at(10**9, monkeypatch) as ops:  # the changes one whole save makes
-        _save(tmp_path / "count", gates, opt, 3)
-    assert len(ops) > 10
     warnings.simplefilter("error", CheckpointWarning)  # an interrupted save is not damage
     seen = []
-    for n in range(len(ops) + 1):
-        root = tmp_path / f"crash{n}"
-        shutil.copytree(base, root)
-        with crash_at(n, monkeypatch):
-            if n < len(ops):
-                with pytest.raises(SimulatedCrash):
-                    _save(root, gates, opt, 3)
-            else:
-                _save(root, gates, opt, 3)
+    for n, root, total in crashed_copies(base, tmp_path, monkeypatch, lambda p: _save(p, gates, opt, 3)):
+        assert total > 10
         step, got = _resumed(root)  # the complete step 2 or the complete step 3
         seen.append(step)
         assert step in (2, 3) and _same(got, snaps[step]), n

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import make_qkv, s2_rule_mask
-from sparse_attn import BlockSparseLayout, reference_attention, sparse_attention
+from helpers import assert_matches_reference, make_qkv, s2_rule_mask
+from sparse_attn import BlockSparseLayout, sparse_attention
 from sparse_attn.patterns import strided, strided_block_mask
 
 
@@ -120,16 +120,7 @@ def test_attention_through_strided_layout(backend, sq, sk, causal):
                        requires_grad=True)
     layout = strided(2, sq, sk, block_size=16, local_blocks=2, vert_stride=3, causal=causal)
     dense_form = BlockSparseLayout.from_block_mask(layout.to_block_mask(), 16, sq, sk)
-    out = sparse_attention(q, k, v, layout, causal=causal, backend=backend)
-    out.square().sum().backward()
-    grads = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
-    ref = reference_attention(q, k, v, dense_form, causal=causal)
-    ref.square().sum().backward()
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    for g, t in zip(grads, (q, k, v)):
-        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+    assert_matches_reference(q, k, v, layout, dense_form, causal, backend)
 
 
 def test_transposed_form_only_built_for_gradients():

@@ -17,9 +17,9 @@ import random
 import pytest
 import torch
 
-from helpers import make_qkv
+from helpers import assert_matches_reference, make_qkv
 from helpers import s2_rule_mask as dkernel_mask
-from sparse_attn import BlockSparseLayout, reference_attention, sparse_attention
+from sparse_attn import BlockSparseLayout
 from sparse_attn.modules import AttentionSpec, S2Pattern
 from sparse_attn.patterns import S2KVCache, strided, strided_block_mask
 
@@ -237,16 +237,7 @@ def test_attention_matches_reference(backend, case):
     oracle = BlockSparseLayout.from_block_mask(dkernel_mask(hq, sq, sk, 16, local, stride, num_kv_heads=hkv, **kw),
                                                16, sq, sk)
     causal = kw["causal"]
-    out = sparse_attention(q, k, v, layout, causal=causal, backend=backend)
-    out.square().sum().backward()
-    grads = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
-    ref = reference_attention(q, k, v, oracle, causal=causal)
-    ref.square().sum().backward()
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    for g, t in zip(grads, (q, k, v)):
-        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-4)
+    assert_matches_reference(q, k, v, layout, oracle, causal, backend)
     assert layout.has_transposed  # the backward used the closed-form transposed form
 
 

@@ -602,6 +602,20 @@ class SeerGate(_BlockGate):
 # --------------------------------------------------------------------------------------------------
 # Distillation loss
 # --------------------------------------------------------------------------------------------------
+def _check_loss_inputs(logits, target) -> None:
+    """What both distillation losses need of ``logits`` and ``target``: floating-point tensors of
+    one shape on one device (TypeError/ValueError naming the argument)."""
+    for name, t in (("logits", logits), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same shape")
+    if logits.device != target.device:
+        raise ValueError(f"logits and target must be on one device, got {logits.device} and {target.device}")
+
+
 def distillation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over rows of ``KL(target || softmax(logits))`` along the last dim.
 
@@ -627,17 +641,9 @@ def distillation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
         >>> distillation_loss(logits, target)      # row 0: KL 0; row 2 has no mass: ignored
         tensor(0.0601)
     """
-    for name, t in (("logits", logits), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if logits.shape != target.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same shape")
+    _check_loss_inputs(logits, target)
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension")
-    if logits.device != target.device:
-        raise ValueError(f"logits and target must be on one device, got {logits.device} and {target.device}")
     x = logits.float()
     t = target.detach().float()
     valid = t.sum(dim=-1) > 0  # [...]
@@ -684,17 +690,9 @@ def seerattention_loss(logits: torch.Tensor, target: torch.Tensor, *, drop_first
         >>> seerattention_loss(logits, target)          # KL 0 everywhere
         tensor(0.)
     """
-    for name, t in (("logits", logits), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if logits.shape != target.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same shape")
+    _check_loss_inputs(logits, target)
     if logits.dim() < 2:
         raise ValueError(f"logits must be [..., rows, M], got shape {tuple(logits.shape)}")
-    if logits.device != target.device:
-        raise ValueError(f"logits and target must be on one device, got {logits.device} and {target.device}")
     if isinstance(drop_first, bool) or not isinstance(drop_first, (int, float)) or not 0.0 <= drop_first < 1.0:
         raise ValueError(f"drop_first must be a number in [0, 1), got {drop_first!r}")
     start = int(logits.shape[-2] * drop_first)
