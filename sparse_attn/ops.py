@@ -123,16 +123,12 @@ def _sparse_attention_op(
     return out, lse, lse.new_empty(0)
 
 
-def _stats_shape(q: Tensor, backend: str) -> Tuple[int, ...]:
-    return (*q.shape[:3], 2) if backend == "triton" else (0,)
-
-
 @_sparse_attention_op.register_fake
 def _(q, k, v, kv_num, kv_idx, q_num, q_idx, block_q, block_k, causal, scale, backend):
     b, hq, sq, d = q.shape
-    lse_dtype = _lse_dtype(q.dtype)
-    return (q.new_empty(b, hq, sq, d), q.new_empty((b, hq, sq), dtype=lse_dtype),
-            q.new_empty(_stats_shape(q, backend), dtype=torch.float32 if backend == "triton" else lse_dtype))
+    lse = q.new_empty((b, hq, sq), dtype=_lse_dtype(q.dtype))
+    stats = q.new_empty((b, hq, sq, 2), dtype=torch.float32) if backend == "triton" else lse.new_empty(0)
+    return q.new_empty(b, hq, sq, d), lse, stats
 
 
 @torch.library.custom_op("sparse_attn::sparse_attention_backward", mutates_args=())
