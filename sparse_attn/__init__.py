@@ -33,10 +33,11 @@ def _mount_triton_kernels() -> None:
 _mount_triton_kernels()
 
 from .layout import BlockSparseLayout  # noqa: E402
+from .decode import sparse_decode  # noqa: E402
 from .merge import merge_attention  # noqa: E402
 from .ops import BACKENDS, available_backends, sparse_attention  # noqa: E402
 from .reference import reference_attention  # noqa: E402
 
-__all__ = ["sparse_attention", "BlockSparseLayout", "merge_attention", "reference_attention",
+__all__ = ["sparse_attention", "sparse_decode", "BlockSparseLayout", "merge_attention", "reference_attention",
            "available_backends", "BACKENDS"]
 __version__ = "0.1.0"

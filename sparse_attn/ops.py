@@ -64,11 +64,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and _HAS_TRITON else "reference"
-    if backend == "cuda":
-        # The name is reserved for the CUDA C++ kernels (csrc/), which are not part of this release.
-        instead = ("backend='auto' or 'triton'" if device.type == "cuda" else
-                   "backend='reference' (or 'triton' with TRITON_INTERPRET=1 set before importing triton)")
-        raise ValueError(f"backend='cuda': the CUDA C++ kernels are not built in this release; use {instead}")
+    if backend == "cuda":  # the CUDA C++ kernels (csrc/): decode only
+        from .decode import resolve_cuda
+
+        return resolve_cuda(device)
     if backend == "triton":
         if not _HAS_TRITON:
             raise RuntimeError("backend='triton' needs the `triton` package, which is not importable")
@@ -231,6 +230,26 @@ def check_qkv(q, k, v, backend: str) -> None:
         )
 
 
+def check_scale(scale, head_dim: int) -> float:
+    """``scale`` as a float (``head_dim ** -0.5`` for None); ValueError for a non-finite, non-real or
+    overflowing one."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    if abs(scale) > _MAX_SCALE:
+        raise ValueError(f"|scale| must be at most {_MAX_SCALE:g} (beyond, fp32 scores overflow to inf and the "
+                         f"softmax to NaN), got {scale!r}")
+    return float(scale)
+
+
+def check_flag(name: str, flag) -> bool:
+    """``flag`` as a bool (a numpy bool too); TypeError naming ``name`` otherwise."""
+    if not isinstance(flag, _BOOL_TYPES):
+        raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    return bool(flag)
+
+
 def _layout_hint(q: Tensor, k: Tensor) -> str:
     """A hint when q/k look like ``[B, S, H, D]`` (the flash-attn layout) rather than ``[B, H, S, D]``."""
     sq, hq, sk, hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
@@ -297,7 +316,10 @@ def sparse_attention(
             differentiable too.
         backend: ``"auto"`` (fastest available on CUDA tensors, the reference on CPU),
             ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"reference"``, or
-            ``"cuda"`` (reserved for the CUDA C++ kernels; raises until they ship).
+            ``"cuda"`` (the CUDA C++ decode kernel; decode-shaped calls only). A causal call
+            with one query row and no gradient to compute runs on the split-K decode kernel
+            (:func:`sparse_attn.decode.sparse_decode`, without its own-block rule) when the
+            backend is a kernel one.
 
     Returns:
         ``out [B, Hq, Sq, D]`` in q's dtype, or ``(out, lse)``. A query row that sees no
@@ -319,20 +341,22 @@ def sparse_attention(
         _check_layout(layout, q, k)
         if _CHECK_LAYOUTS:
             layout.check()
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    elif abs(scale) > _MAX_SCALE:
-        raise ValueError(f"|scale| must be at most {_MAX_SCALE:g} (beyond, fp32 scores overflow to inf and the "
-                         f"softmax to NaN), got {scale!r}")
-    for name, flag in (("causal", causal), ("return_lse", return_lse)):
-        if not isinstance(flag, _BOOL_TYPES):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    causal, return_lse = bool(causal), bool(return_lse)
+    scale = check_scale(scale, q.shape[-1])
+    causal, return_lse = check_flag("causal", causal), check_flag("return_lse", return_lse)
     if q.shape[2] == 0 or k.shape[2] == 0:
         resolved = "reference"  # nothing for a kernel to do; the reference gives the empty/zero result
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if _decode.decode_shaped(q, k, layout, causal, resolved):
+        # One causal row and no gradient: the split-K decode kernel reads each K/V block once per
+        # GQA group instead of once per query head (sparse_decode takes up to 16 rows).
+        if backend == "auto" and q.is_cuda and _decode.cuda_ready():
+            resolved = "cuda"
+        out, lse = _decode.decode_from_attention(q, k, v, layout, scale, resolved)
+        return (out, lse) if return_lse else out
+    if resolved == "cuda":
+        raise ValueError("backend='cuda' runs decode-shaped calls only (one causal query row, no gradient, "
+                         "fp16/bf16, head dim 64/128/256, a layout with one query-block row shared by each "
+                         "KV head); use backend='triton' or 'auto'")
 
     if layout is None:
         tensors = (None, None, None, None)
@@ -345,3 +369,6 @@ def sparse_attention(
         block_q, block_k = layout.block_size
     out, lse, _ = _sparse_attention_op(q, k, v, *tensors, block_q, block_k, causal, float(scale), resolved)
     return (out, lse) if return_lse else out
+
+
+from . import decode as _decode  # noqa: E402  (decode builds on this module's checks)

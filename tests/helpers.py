@@ -23,6 +23,8 @@ __all__ = [
     "run_fwd_bwd",
     "assert_matches_reference",
     "s2_rule_mask",
+    "page_pool",
+    "random_block_lists",
 ]
 
 # Per-dtype tolerances for outputs / lse and for gradients, when comparing a result
@@ -253,3 +255,39 @@ def s2_rule_mask(num_heads, seq_q, seq_k, block_size, local_blocks, vert_stride,
                     keep = local or (k + shift + head_sliding_offset) % vert_stride == 0
                 out[0, a, r, c] = keep and (q >= k or not causal)
     return out
+
+
+def page_pool(cache, page_size, gen, extra_pages=0):
+    """``cache [B, Hkv, S, D]`` as a shuffled page pool ``[P, page_size, Hkv, D]`` and its
+    ``block_table [B, ceil(S / page_size)]`` int32: the pages are ``torch.randperm(P, generator=gen)``
+    in order, ``P = B * ceil(S / page_size) + extra_pages``; NaN in pages no sequence owns and
+    past ``S`` in each sequence's last page."""
+    bsz, hkv, s, d = cache.shape
+    per_seq = -(-s // page_size)
+    total = bsz * per_seq + extra_pages
+    perm = torch.randperm(total, generator=gen)
+    pool = torch.full((total, page_size, hkv, d), float("nan"), dtype=cache.dtype)
+    table = torch.empty(bsz, per_seq, dtype=torch.int32)
+    padded = torch.full((bsz, hkv, per_seq * page_size, d), float("nan"), dtype=cache.dtype)
+    padded[:, :, :s] = cache
+    for b in range(bsz):
+        for pg in range(per_seq):
+            pid = int(perm[b * per_seq + pg])
+            table[b, pg] = pid
+            pool[pid] = padded[b, :, pg * page_size : (pg + 1) * page_size].transpose(0, 1)
+    return pool, table
+
+
+def random_block_lists(bsz, hkv, nblocks, n, gen):
+    """Decode block lists ``(kv_num [B, Hkv], kv_idx [B, Hkv, n])`` int32: up to ``n`` (at most
+    ``nblocks``) random blocks of ``[0, nblocks)``, ascending; (0, 0) is empty; the entries past
+    each count are garbage (-7)."""
+    kv_num = torch.randint(0, n + 1, (bsz, hkv), generator=gen, dtype=torch.int32)
+    kv_num[0, 0] = 0
+    kv_idx = torch.full((bsz, hkv, n), -7, dtype=torch.int32)
+    for b in range(bsz):
+        for h in range(hkv):
+            m = min(int(kv_num[b, h]), nblocks)
+            kv_num[b, h] = m
+            kv_idx[b, h, :m] = torch.randperm(nblocks, generator=gen)[:m].sort().values
+    return kv_num, kv_idx

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .common import (LN2_C, LOG2E, _causal_hi, _contained_dot, _finite_part, _load_tile, _mask_scores,
-                     _nonfinite_codes, _other_variant, _plan_entry, _plan_row, dot_precision, nonfinite_flag, plan_args,
-                     plan_flags, upcast)
+                     _nonfinite_codes, _other_variant, _plan_entry, _plan_row, _softmax_step, dot_precision,
+                     nonfinite_flag, plan_args, plan_flags, upcast)
 from .configs import autotuned, select_tiles
 
 __all__ = ["block_sparse_attn_fwd", "LOG2E"]
@@ -41,16 +41,7 @@ def _fwd_tile(
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], log2 domain
     b_s = _mask_scores(b_s, offs_m, offs_n, start_m, start_n, bits, seq_q, seq_k, BLOCK_N, CAUSAL,
                                HAS_BITS, FULL_BITS, BQ, BK, TQ, TK, True)
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
-    # A row that has seen nothing yet keeps m = -inf; shift by 0 there so no inf - inf.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_p = tl.math.exp2(b_s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
-    b_p = b_p.to(b_v.dtype)
-    if UPCAST:
-        b_p = b_p.to(tl.float32)
-        b_v = b_v.to(tl.float32)
+    b_p, b_v, alpha, l_i, m_new = _softmax_step(b_s, m_i, l_i, b_v, UPCAST)
     acc = acc * alpha[:, None]
     if CONTAIN:  # V holds a NaN/inf somewhere: it must reach only the rows that see its key
         keep = b_s != float("-inf")

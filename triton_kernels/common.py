@@ -44,6 +44,26 @@ def _plan_entry(p_idx, p_bits, j, n_units, HAS_BITS: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(b_s, m_i, l_i, b_v, UPCAST: tl.constexpr):
+    """One online-softmax step of the forward and the decode kernels over scores ``b_s [BM, BN]``
+    (log2 domain, ``-inf`` where masked) and values ``b_v [BN, BD]``: ``(b_p, b_v, alpha, l, m)``,
+    the probabilities in V's dtype, V as they meet it (both fp32 with ``UPCAST``), the factor that
+    rescales the accumulator, and the new running sum and max. The caller folds
+    ``b_p @ b_v`` into ``acc * alpha``."""
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    # A row that has seen nothing yet keeps m = -inf; shift by 0 there so no inf - inf.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    b_p = tl.math.exp2(b_s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    b_p = b_p.to(b_v.dtype)
+    if UPCAST:
+        b_p = b_p.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    return b_p, b_v, alpha, l_i, m_new
+
+
+@triton.jit
 def _load_tile(base, stride, offs, n, offs_d, HEAD_DIM: tl.constexpr):
     """Rows ``offs`` (zeros at and past ``n``) x the padded head dim of a ``[S, D]`` matrix with row
     stride ``stride`` and unit column stride: ``[len(offs), BLOCK_D]``."""

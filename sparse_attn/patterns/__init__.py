@@ -4,8 +4,10 @@
 name                       what
 =========================  ==================================================================
 ``strided``                S2 / DKernel: local window + per-head strided blocks (``s2.py``)
+``S2Config``               the S2 options, checked once (also ``sparse_decode``'s closed-form kv_blocks)
 ``S2KVCache``              decode KV cache keeping, per KV head, only the S2 shard it reads
 ``S2DecodePart``           one op call's share of an ``S2KVCache`` decode (dense heads apart)
+``S2DecodeArgs``           one ``sparse_decode`` call's inputs over an ``S2KVCache`` store
 ``select_blocks``          scores/logits -> layout (threshold, top-k or target density)
 ``attention_block_map``    block max-pooled softmax map (SeerAttention's training target)
 ``SeerGate``               SeerAttention's learned block gate (prefill)
@@ -27,6 +29,8 @@ from importlib import import_module as _import_module
 _EXPORTS = {
     "strided": ".s2",
     "strided_block_mask": ".s2",
+    "S2Config": ".s2",
+    "S2DecodeArgs": ".s2_cache",
     "S2KVCache": ".s2_cache",
     "S2DecodePart": ".s2_cache",
     "select_blocks": ".select",
