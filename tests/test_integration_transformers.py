@@ -562,12 +562,128 @@ def test_seer_decode_gates_from_an_authors_directory_on_qwen3(tmp_path):
                for p in patterns.values())
     ids = _ids(1, 70)
     torch.testing.assert_close(_logits(model, ids), _logits(qwen, ids), atol=1e-5, rtol=1e-5)
-    seen = []
-    patterns[0].register_forward_hook(lambda mod, args, out: seen.append(out))
+    seen = _spy_kv_blocks(patterns[0])
     out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     assert out.shape == (1, 76) and patterns[0]._decode_cache.length == 75
-    decode_layouts = [lay.to_block_mask() for lay in seen if lay is not None]
-    assert len(decode_layouts) == 5  # one per decode step; the prefill's is None (dense)
-    for m in decode_layouts:  # top-1 of the earlier blocks + the token's own block
-        assert m.shape[2] == 1 and m[..., -1].all() and m.sum(-1).eq(2).all()
+    assert len(seen) == 5  # one per decode step (the dense prefill takes the layout path)
+    bs = patterns[0].block_size
+    for step, (sk, (kv_num, kv_idx)) in enumerate(seen):  # top-1 of the earlier blocks; the op adds the own one
+        assert sk == 71 + step and kv_num.shape == (1, 2) and kv_num.eq(1).all()
+        assert (kv_idx[..., 0] < (sk - 1) // bs).all()
     assert list(collect_gates(model)["0"].keys()) == ["decode"]
+
+
+def _spy_kv_blocks(pattern):
+    """Record ``(Sk, kv_blocks)`` of each decode step that runs on sparse_decode with block lists."""
+    seen, inner = [], pattern.kv_blocks
+
+    def spy(q, k, **kw):
+        out = inner(q, k, **kw)
+        if isinstance(out, tuple):
+            seen.append((k.shape[2], out))
+        return out
+
+    pattern.kv_blocks = spy
+    return seen
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode on sparse_decode; generate() with the S2 cache (shards only)
+# ------------------------------------------------------------------------------------------------
+def _tensor_bytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_s2_generate_keeps_only_the_shards(base):
+    """generate() on an S2 model uses S2Cache: token for token (and logits) the generation with
+    transformers' full DynamicCache (whose decode runs sparse_decode with the S2 config in closed
+    form), both equal to sdpa on the generated text under the S2 element mask, and the S2 cache's
+    tensors take less memory than the full cache's."""
+    from transformers import DynamicCache
+
+    from sparse_attn.integrations.s2_hf_cache import S2Cache, S2CacheLayer
+
+    model = _patched(base, "s2", block_size=16, local_blocks=2, vert_stride=3)
+    ids = _ids(2, 90, seed=3)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    shard = model.generate(ids, **kw)
+    full = model.generate(ids, past_key_values=DynamicCache(), **kw)
+    cache = shard.past_key_values
+    assert isinstance(cache, S2Cache) and all(isinstance(layer, S2CacheLayer) for layer in cache.layers)
+    assert cache.get_seq_length() == 105 and type(full.past_key_values) is DynamicCache
+    assert torch.equal(shard.sequences, full.sequences)
+    torch.testing.assert_close(torch.stack(shard.logits), torch.stack(full.logits), atol=1e-5, rtol=1e-5)
+    # independent: sdpa over the generated text with S2's element mask predicts every new token
+    seq = shard.sequences
+    want = _logits(base, seq[:, :-1], attention_mask=_s2_element_mask(105, 16, 2, 3, 2, 4))[:, 89:]
+    torch.testing.assert_close(torch.stack(shard.logits, 1), want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(want.argmax(-1), seq[:, 90:])
+    # memory, measured on the tensors each cache holds
+    s2_bytes = sum(_tensor_bytes(layer.s2._k_s, layer.s2._v_s, layer.s2._k_d, layer.s2._v_d) for layer in cache.layers)
+    full_bytes = sum(_tensor_bytes(layer.keys, layer.values) for layer in full.past_key_values.layers)
+    assert s2_bytes == cache.memory_bytes() and full_bytes == cache.full_cache_bytes()
+    assert s2_bytes <= 0.7 * full_bytes, (s2_bytes, full_bytes)  # 5 of 7 blocks per head at 105 tokens
+
+
+def test_s2_cache_with_dense_heads_beams_and_dense_layers(base):
+    """S2Cache with a dense KV head, beam search (reorder_cache gathers rows) and a layer left
+    dense (a DynamicLayer in the same cache): the same sequences as with the full cache."""
+    from transformers import DynamicCache, DynamicLayer
+
+    from sparse_attn.integrations.s2_hf_cache import S2CacheLayer
+
+    model = _patched(base, "s2", layers=[1], block_size=16, local_blocks=1, vert_stride=2, num_dense_heads=1)
+    ids = _ids(1, 40, seed=4)
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=2, pad_token_id=0, return_dict_in_generate=True)
+    shard = model.generate(ids, **kw)
+    full = model.generate(ids, past_key_values=DynamicCache(), **kw)
+    assert [type(layer) for layer in shard.past_key_values.layers] == [DynamicLayer, S2CacheLayer]
+    assert torch.equal(shard.sequences, full.sequences)
+
+
+def test_s2_cache_fallbacks_and_errors(base):
+    """The full cache for padded batches and s2_cache=False; clear errors where S2Cache cannot serve."""
+    from transformers import DynamicCache
+
+    from sparse_attn.integrations.transformers import S2Cache
+
+    model = _patched(base, "s2", block_size=16, local_blocks=1, vert_stride=3)
+    kw = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    padded, mask = _left_padded()
+    assert type(model.generate(padded, attention_mask=mask, **kw).past_key_values) is DynamicCache
+    off = _patched(base, "s2", block_size=16, local_blocks=1, vert_stride=3, s2_cache=False)
+    assert off.config.sparse_attention["options"]["s2_cache"] is False
+    assert type(off.generate(_ids(1, 20), **kw).past_key_values) is DynamicCache
+    with pytest.raises(ValueError, match="S2Cache needs a model patched"):
+        S2Cache(_patched(base, "dense"))
+    with torch.no_grad():
+        cache = S2Cache(model)
+        model(_ids(1, 20), past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="one token at a time"):
+            model(_ids(1, 3), past_key_values=cache, use_cache=True)
+        with pytest.raises(NotImplementedError, match="cannot roll back"):
+            cache.crop(-1)
+        with pytest.raises(ValueError, match="unpadded batch"):
+            model(padded, attention_mask=mask, past_key_values=S2Cache(model), use_cache=True)
+
+
+def test_seer_decode_on_sparse_decode_equals_the_layout_path(base):
+    """generate() with Seer's decode gate: each step runs sparse_decode on the gate's block lists,
+    and gives the tokens and logits of the layout path (sparse_attention with the same selection)."""
+    model = _patched(base, "seer", block_size=16, topk=1, decode_gate=True, gate=dict(hidden_size=32))
+    torch.manual_seed(6)
+    with torch.no_grad():  # "learned" gates: anything but the fresh init
+        for name, p in model.named_parameters():
+            if "sparse_pattern" in name:
+                p.normal_()
+    layout_path = copy.deepcopy(model)
+    for p in sparse_patterns(layout_path).values():
+        p.kv_blocks = lambda *a, **kw: NotImplemented  # pattern_attention falls back to the layout
+    seen = _spy_kv_blocks(sparse_patterns(model)[1])
+    ids = _ids(2, 70, seed=5)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+              attention_mask=torch.ones_like(ids))
+    got, want = model.generate(ids, **kw), layout_path.generate(ids, **kw)
+    assert len(seen) == 9 and all(kv_num.le(3).all() for _, (kv_num, _) in seen)  # top-1 + forced first/last
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-5, rtol=1e-5)

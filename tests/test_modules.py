@@ -5,6 +5,7 @@ RoPE by pairs, repeat-KV softmax attention, and S2's keep rule evaluated with lo
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -119,7 +120,8 @@ def test_s2_matches_plain_pytorch_with_the_rule_by_loops():
 ], ids=["dense", "s2"])
 def test_cache_incremental_equals_full_forward(pattern, opts, chunks):
     """Prefill, chunked prefill and one-token decode with the cache == the full forward.
-    (S2 chunks are block-aligned: S2's rule reads the block of a chunk's first query.)"""
+    (S2 chunks of more than 16 rows take the layout path, which reads the block of a chunk's first
+    query: they must be block-aligned; shorter ones run on sparse_decode, row by row.)"""
     torch.manual_seed(2)
     attn = SparseAttention(48, 6, 2, pattern=pattern, pattern_options=opts)
     x = torch.randn(2, sum(chunks), 48)
@@ -371,7 +373,7 @@ def test_seer_from_gates_module():
         build_pattern("seer", AttentionSpec(4, 4, 16, layer_idx=1), gates=gates)
 
 
-def test_seer_in_sparse_attention_generates_with_its_decode_gate():
+def test_seer_in_sparse_attention_generates_with_its_decode_gate(monkeypatch):
     torch.manual_seed(11)
     attn = SparseAttention(64, 4, 2, pattern="seer",
                            pattern_options=dict(block_size=16, threshold=0.2, decode_gate=True,
@@ -380,12 +382,112 @@ def test_seer_in_sparse_attention_generates_with_its_decode_gate():
     cache = KVCache()
     prefill = attn(x[:, :50], cache=cache)
     torch.testing.assert_close(prefill, attn(x[:, :50]))
-    seen = []
-    attn.pattern.register_forward_hook(lambda mod, args, out: seen.append(out))
-    steps = [attn(x[:, t : t + 1], cache=cache) for t in range(50, 60)]
+    seen = _spy_decode(monkeypatch)
+    with torch.no_grad():
+        steps = [attn(x[:, t : t + 1], cache=cache) for t in range(50, 60)]
     assert attn.pattern._decode_cache.length == 60
-    assert all(lay is not None and lay.shape[2] == 1 for lay in seen)  # sparse decode, one row each
+    assert len(seen) == 10 and all(isinstance(blocks, tuple) for _, blocks in seen)  # sparse decode, block lists
     assert all(torch.isfinite(o).all() for o in steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode-shaped calls run on sparse_decode
+# ------------------------------------------------------------------------------------------------
+def _spy_decode(monkeypatch):
+    """Record ``(q shape, kv_blocks)`` of every sparse_decode call pattern_attention makes."""
+    import sparse_attn.modules.functional as functional
+
+    seen, inner = [], functional.sparse_decode
+
+    def spy(q, k, v, lens, **kw):
+        seen.append((tuple(q.shape), kw.get("kv_blocks")))
+        return inner(q, k, v, lens, **kw)
+
+    monkeypatch.setattr(functional, "sparse_decode", spy)
+    return seen
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("dense", {}),
+    ("s2", dict(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)),
+    ("seer", dict(block_size=16, topk=1, keep_first=0, keep_last=0, decode_gate=dict(hidden_size=32),
+                  gate=dict(hidden_size=32))),
+])
+def test_decode_runs_on_sparse_decode_and_equals_the_layout_path(monkeypatch, method, opts):
+    """A few new tokens over the cache go to sparse_decode with the pattern's blocks (dense: None,
+    S2: its config, Seer: the decode gate's lists) and give what the layout path gives
+    (sparse_attention with the pattern's layout; the Seer pattern deep-copied before the step, so
+    both see the same gate state)."""
+    from sparse_attn.patterns.s2 import S2Config
+
+    torch.manual_seed(20)
+    spec = AttentionSpec(6, 3, 16)
+    p = build_pattern(method, spec, **opts)
+    q, k, v = _seer_inputs(20, hq=6, hkv=3, s=77)
+    with torch.no_grad():
+        pattern_attention(p, q, k, v, q_pre=q, k_pre=k)  # prefill (feeds Seer's decode cache)
+    seen = _spy_decode(monkeypatch)
+    for t, sq in enumerate((1, 2, 1, 3)):  # 77 -> 78 -> 80 -> 81 -> 84 (chunks inside one block each)
+        q1, k1, v1 = _seer_inputs(21 + t, hq=6, hkv=3, s=sq)
+        k, v = torch.cat((k, k1), 2), torch.cat((v, v1), 2)
+        ref_pattern = copy.deepcopy(p)
+        with torch.no_grad():
+            got = pattern_attention(p, q1, k, v, q_pre=q1, k_pre=k1)
+            layout = ref_pattern(q1, k, q_pre=q1, k_pre=k1)
+        want = sparse_attention(q1, k, v, layout, causal=True)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{m}\nstep {t}")
+    assert [shape[2] for shape, _ in seen] == [1, 2, 1, 3]
+    blocks = [b for _, b in seen]
+    if method == "dense":
+        assert blocks == [None] * 4
+    elif method == "s2":
+        assert all(isinstance(b, S2Config) and b == p.s2_config for b in blocks)
+    else:  # a chunk of several tokens runs dense (its keys still feed the gate's cache)
+        assert [type(b) for b in blocks] == [tuple, type(None), tuple, type(None)]
+        assert all(b[0].shape == (2, 3) and b[0].eq(1).all() for b in blocks if b is not None)
+        assert p._decode_cache.length == k.shape[2]
+
+
+def test_decode_paths_that_keep_the_layout(monkeypatch):
+    """No sparse_decode for: block_mask layouts (exact, no own-block rule), S2 over query heads with
+    GQA, calls that need a gradient, and more than 16 new rows."""
+    torch.manual_seed(22)
+    seen = _spy_decode(monkeypatch)
+    spec = AttentionSpec(4, 2, 16)
+    q, k, v = _seer_inputs(22, s=50)
+    cases = [build_pattern("block_mask", spec, block_size=16, layout_fn=lambda q_, k_: None),
+             build_pattern("s2", spec, block_size=16, local_blocks=1, vert_stride=2, layout_heads="q")]
+    for p in cases:
+        with torch.no_grad():
+            got = pattern_attention(p, q[:, :, -1:], k, v)
+        torch.testing.assert_close(got, sparse_attention(q[:, :, -1:], k, v, p(q[:, :, -1:], k)), atol=0, rtol=0)
+    qg = q[:, :, -1:].clone().requires_grad_()
+    out = pattern_attention(build_pattern("dense", spec), qg, k, v)
+    out.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    with torch.no_grad():
+        pattern_attention(None, q[:, :, -17:], k, v)
+    assert seen == []
+    s2 = build_pattern("s2", spec, block_size=16, local_blocks=1, vert_stride=2)
+    assert s2.kv_blocks(q[:, :, -1:], k) is s2.s2_config
+    assert build_pattern("s2", spec, block_size=16, decode="dense").kv_blocks(q[:, :, -1:], k) is None
+
+
+def test_s2_chunks_across_a_block_boundary_equal_the_full_forward():
+    """sparse_decode applies S2's rule row by row, so a cached chunk that straddles a block
+    boundary gets exactly its rows of the full forward (the layout path reads a chunk's first
+    query block for all of its rows)."""
+    torch.manual_seed(23)
+    attn = SparseAttention(48, 6, 2, pattern="s2", pattern_options=dict(block_size=16, local_blocks=1,
+                                                                          vert_stride=3))
+    x = torch.randn(2, 90, 48)
+    with torch.no_grad():
+        full = attn(x)
+        cache, outs, t = KVCache(), [], 0
+        for n in (30, 5, 1, 11, 16, 27):  # 30 -> 35 (across 32) -> 36 -> 47 -> 63 (across 48) -> 90 (prefill path)
+            outs.append(attn(x[:, t : t + n], cache=cache))
+            t += n
+    torch.testing.assert_close(torch.cat(outs[:5], 1), full[:, :63], atol=2e-5, rtol=2e-5)
 
 
 # ------------------------------------------------------------------------------------------------

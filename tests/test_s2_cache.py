@@ -280,3 +280,119 @@ def test_gqa_head_step_follows_the_query_heads():
         stored[hq] = [sorted({b % 4 for b in blocks[:-1]}) for blocks in cache.block_table()]  # strided residues
     assert stored == {None: [[0], [2]], 4: [[0], [3]]}
     assert _stride_residues(2, 4, False, 0, 0, 4) == [0, 3]
+
+
+# -- sparse_decode over the compacted store ----------------------------------------------------
+def _poison_unread(cache):
+    """NaN into every stored element no decode of the newest token may read: the slots past each
+    head's kept blocks, the current slot past its fill, the dense heads past the length."""
+    n, bs, slots = cache.seq_len, cache.block_size, cache.num_slots
+    fill = n - cache._table.current * bs
+    for store in (cache._k_s, cache._v_s):
+        store[:, :, slots * bs + fill:] = float("nan")
+        for h, used in enumerate(cache._table.used()):
+            store[:, h, used * bs: slots * bs] = float("nan")
+    for store in (cache._k_d, cache._v_d):
+        store[:, :, n:] = float("nan")
+
+
+@pytest.mark.parametrize("name,hkv,g,cfg", [CONFIGS[0], CONFIGS[2], CONFIGS[4]], ids=[CONFIGS[i][0] for i in (0, 2, 4)])
+def test_attend_is_sparse_decode_over_the_listed_blocks_only(name, hkv, g, cfg):
+    """attend() == full-cache attention under the S2 element mask (fp64 oracle), with every element
+    it must not read set to NaN; decode_args() lists, per head, its kept complete slots in order
+    and puts the query at N * bs + fill (its own block: the current slot)."""
+    b, d, bs = 2, 16, 16
+    k, v, gen = _sequence(b, hkv, d, 260, seed=21)
+    cache = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=260, device=DEVICE, **cfg)
+    cache.prefill(k[:, :, :93], v[:, :, :93])
+    for n in (93, 96, 97, 130, 191, 192, 193, 260):  # mid-block, block end, block start, capacity
+        if n > cache.seq_len:
+            cache.append(k[:, :, cache.seq_len:n], v[:, :, cache.seq_len:n])
+        _poison_unread(cache)
+        parts = cache.decode_args()
+        hs = hkv - cfg.get("num_dense_heads", 0)
+        if hs:
+            part = parts[0]
+            used = [len(x) - 1 for x in cache.block_table()[:hs]]
+            kv_num, kv_idx = part.kv_blocks
+            assert part.kv_heads == (0, hs) and part.block_size == bs
+            assert kv_num.dtype == kv_idx.dtype == part.cache_seqlens.dtype == torch.int32
+            assert kv_num.tolist() == [used] * b
+            assert all(kv_idx[bb, h, :u].tolist() == list(range(u)) for bb in range(b) for h, u in enumerate(used))
+            fill = n - (n - 1) // bs * bs
+            assert part.cache_seqlens.tolist() == [cache.num_slots * bs + fill] * b
+        q = torch.randn(b, hkv * g, 1, d, generator=gen).to(DEVICE)
+        out, lse = cache.attend(q, return_lse=True)
+        assert_no_nan(out, lse)
+        naive, naive_lse = naive_attention(q.double(), k[:, :, :n].double(), v[:, :, :n].double(),
+                                           _element_mask(n, hkv, g, bs, cfg), return_lse=True)
+        tol = dict(tolerances(torch.float32), msg=lambda m: f"{m}\nseq_len={n}")
+        torch.testing.assert_close(out.double(), naive, **tol)
+        torch.testing.assert_close(lse.double(), naive_lse, **tol)
+
+
+@pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="Triton backend unavailable")
+def test_attend_through_the_triton_decode_kernel():
+    b, hkv, g, d, bs = 1, 3, 2, 32, 16
+    cfg = dict(local_blocks=2, vert_stride=3, num_dense_heads=1, num_query_heads=hkv * g)
+    k, v, gen = _sequence(b, hkv, d, 200, seed=23)
+    cache = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=200, device=DEVICE, **cfg)
+    cache.prefill(k[:, :, :150], v[:, :, :150])
+    for n in (150, 161):
+        if n > cache.seq_len:
+            cache.append(k[:, :, cache.seq_len:n], v[:, :, cache.seq_len:n])
+        _poison_unread(cache)
+        q = torch.randn(b, hkv * g, 1, d, generator=gen).to(DEVICE)
+        out = cache.attend(q, backend="triton")
+        ref = sparse_attention(q, k[:, :, :n], v[:, :, :n], strided(hkv, 1, n, block_size=bs, device=DEVICE, **cfg),
+                               backend="reference")
+        torch.testing.assert_close(out, ref, **tolerances(torch.float32), msg=lambda m: f"{m}\nseq_len={n}")
+
+
+def test_reserve_grows_without_changing_anything_read():
+    """A cache grown mid-sequence (reserve) stores and decodes exactly as one sized for the whole
+    sequence from the start; the grown capacity keeps the closed-form slot count."""
+    b, hkv, d, bs = 2, 3, 8, 16
+    cfg = dict(local_blocks=2, vert_stride=3, num_dense_heads=1, head_sliding_offset=1)
+    k, v, gen = _sequence(b, hkv, d, 400, seed=25)
+    big = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=400, device=DEVICE, **cfg)
+    small = S2KVCache(b, hkv, d, block_size=bs, max_seq_len=70, device=DEVICE, **cfg)
+    for cache in (big, small):
+        cache.prefill(k[:, :, :69], v[:, :, :69])
+    small.reserve(60)  # smaller: nothing happens
+    assert small.max_seq_len == 70
+    for stop, grow in ((70, 150), (150, 400), (311, None)):
+        if grow:
+            small.append(k[:, :, small.seq_len:stop], v[:, :, small.seq_len:stop])
+            big.append(k[:, :, big.seq_len:stop], v[:, :, big.seq_len:stop])
+            small.reserve(grow)
+            assert small.num_slots == small._complete_slots(grow)
+        else:
+            for cache in (small, big):
+                cache.append(k[:, :, cache.seq_len:stop], v[:, :, cache.seq_len:stop])
+        assert small.block_table() == big.block_table()
+        q = torch.randn(b, hkv, 1, d, generator=gen).to(DEVICE)
+        torch.testing.assert_close(small.attend(q), big.attend(q), rtol=0, atol=0)
+    assert small.memory_bytes() == big.memory_bytes()
+
+
+def test_select_and_repeat_batch_rows():
+    """Beam-search reordering: the gathered cache decodes as a cache built from those rows."""
+    hkv, d, bs = 2, 8, 16
+    cfg = dict(local_blocks=1, vert_stride=2, num_dense_heads=1)
+    k, v, gen = _sequence(3, hkv, d, 90, seed=27)
+    cache = S2KVCache(3, hkv, d, block_size=bs, max_seq_len=90, device=DEVICE, **cfg)
+    cache.prefill(k[:, :, :77], v[:, :, :77])
+    rows = torch.tensor([2, 0, 2, 2])
+    cache.select_batch(rows)
+    cache.append(k[rows, :, 77:90], v[rows, :, 77:90])
+    want = S2KVCache(4, hkv, d, block_size=bs, max_seq_len=90, device=DEVICE, **cfg)
+    want.prefill(k[rows], v[rows])
+    q = torch.randn(4, hkv, 1, d, generator=gen).to(DEVICE)
+    assert cache.batch == 4
+    torch.testing.assert_close(cache.attend(q), want.attend(q), rtol=0, atol=0)
+    cache.repeat_batch(2)
+    torch.testing.assert_close(cache.attend(q.repeat_interleave(2, 0)), want.attend(q).repeat_interleave(2, 0),
+                               rtol=0, atol=0)
+    with pytest.raises(TypeError, match="1-D integer"):
+        cache.select_batch(torch.tensor([0.5]))

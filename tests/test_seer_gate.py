@@ -451,6 +451,78 @@ def test_decode_cache_positions_and_errors():
         gate.step(q[:, :, :2], k[:, :, :1], gate.new_cache())
 
 
+@pytest.mark.parametrize("rule", [
+    dict(topk=3, keep_first=0, keep_last=0),
+    dict(density=0.4),
+    dict(threshold=0.1, strict=True, keep_first=0, keep_last=0),
+    dict(nz_ratio=0.5, keep_first=1, keep_last=0),
+    dict(topk=1, share_gqa=True),
+], ids=["topk", "density", "threshold", "nz_ratio", "share_gqa"])
+def test_decode_gate_select_gives_the_rules_blocks_as_lists(rule):
+    """select(): per sequence and KV head, the count and the ascending ids of the blocks the rule
+    keeps (== select_blocks' mask row; top-k also against torch.topk), int32 [B, Hkv] / [B, Hkv, Mk]."""
+    from sparse_attn.layout import rows_to_mask
+    from sparse_attn.patterns import select_blocks
+
+    gate = SeerDecodeGate(4, 2, 8, block_size=16, hidden_size=8, own_block="excluded")
+    logits = _randn(3, 2, 1, 9, seed=31)
+    logits[..., -1] = -INF  # the own block, never scored in this form
+    logits[1, 0, 0, 2] = -INF  # a block the gate forbids
+    kv_num, kv_idx = gate.select(logits, seq_k=9 * 16 - 5, **rule)
+    assert kv_num.shape == (3, 2) and kv_idx.shape == (3, 2, 9)
+    assert kv_num.dtype == kv_idx.dtype == torch.int32
+    got = rows_to_mask(kv_num[..., None], kv_idx[..., None, :], 9)  # [B, Hkv, 1, Mk]
+    want = select_blocks(logits, block_size=16, seq_q=1, seq_k=9 * 16 - 5, num_kv_heads=2, **rule).to_block_mask()
+    assert torch.equal(got, want)
+    for bb in range(3):
+        for h in range(2):
+            ids = kv_idx[bb, h, : int(kv_num[bb, h])].tolist()
+            assert ids == sorted(set(ids))  # strictly ascending
+            assert not got[bb, h, 0, -1] and not (bb == 1 and h == 0 and got[bb, h, 0, 2])
+    if "topk" in rule and not rule.get("share_gqa"):
+        top = torch.zeros_like(got).scatter_(-1, logits.topk(3, dim=-1).indices, True)
+        assert torch.equal(got, top)
+    with pytest.raises(ValueError, match="a step's scores"):
+        gate.select(logits.expand(3, 2, 2, 9), topk=1)  # two query rows: not a decode step
+
+
+def test_decode_gate_attend_is_attention_over_the_selected_blocks():
+    """attend(): step + select + sparse_decode == fp64 attention under the element mask of the
+    selected blocks plus the token's own block, the selection recomputed here from forward() on the
+    whole prefix with torch.topk. The KV cache is longer than the sequence, its tail NaN."""
+    from helpers import naive_attention
+
+    Hq, Hkv, D, b = 4, 2, 16, 16
+    gate = SeerDecodeGate(Hq, Hkv, D, block_size=b, hidden_size=8)
+    _randomise_biases(gate)
+    prompt, total, cap = 75, 83, 100
+    q_pre, k_pre = _randn(2, Hq, total, D, seed=32), _randn(2, Hkv, total, D, seed=33)
+    q = _randn(2, Hq, total, D, seed=34)  # "post-RoPE" q/k/v: any tensors
+    k_all, v_all = _randn(2, Hkv, total, D, seed=35), _randn(2, Hkv, total, D, seed=36)
+    k_cache = torch.full((2, Hkv, cap, D), float("nan"))
+    v_cache = torch.full((2, Hkv, cap, D), float("nan"))
+    cache = gate.new_cache()
+    with torch.no_grad():
+        gate.extend_cache(k_pre[:, :, : prompt - 1], cache)
+        for L in range(prompt, total + 1):  # crosses the block boundary at 80
+            k_cache[:, :, L - 1], v_cache[:, :, L - 1] = k_all[:, :, L - 1], v_all[:, :, L - 1]
+            if L == prompt:
+                k_cache[:, :, :L], v_cache[:, :, :L] = k_all[:, :, :L], v_all[:, :, :L]
+            out, lse = gate.attend(q[:, :, L - 1 : L], k_cache, v_cache, q_pre[:, :, L - 1 : L],
+                                   k_pre[:, :, L - 1 : L], cache, topk=2, keep_first=0, keep_last=0,
+                                   return_lse=True)
+            row = gate(q_pre[:, :, L - 1 : L], k_pre[:, :, :L])[:, :, 0]  # [B, Hkv, Mk]
+            keep = torch.zeros_like(row, dtype=torch.bool).scatter_(-1, row.topk(2, dim=-1).indices, True)
+            keep[..., (L - 1) // b] = True
+            elem = keep.repeat_interleave(b, -1)[..., :L].repeat_interleave(Hq // Hkv, 1)[:, :, None]
+            want, want_lse = naive_attention(q[:, :, L - 1 : L].double(), k_all[:, :, :L].double(),
+                                             v_all[:, :, :L].double(), elem, return_lse=True)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{m}\nL={L}")
+            torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5, msg=lambda m: f"{m}\nL={L}")
+            assert keep.sum(-1).le(3).all() and not keep.all()  # really sparse
+
+
 def test_decode_gate_gradients_reach_every_parameter():
     gate = SeerDecodeGate(4, 2, 8, block_size=4, hidden_size=8)
     q = _randn(1, 4, 10, 8, seed=18).requires_grad_()

@@ -49,6 +49,16 @@ Which path runs (K/V arrive un-repeated ``[B, Hkv, Sk, D]``; GQA goes straight t
   cost. The layout is in the coordinates of the padded tensors; where the mask shows the queries
   are not the last keys (a static cache's empty slots) the layout is not applied and the step is
   dense.
+* **Decode** (a few new tokens over the KV cache, no padding): :func:`sparse_attn.sparse_decode`
+  over the cache's contiguous K/V (``cache_seqlens`` = its length), with the method's block rule
+  in the op's form: Seer's decode gate's block lists, S2's config in closed form, dense for dense.
+  The op reads only the kept blocks, once per GQA group: the decode sparsity is real speed.
+* **S2 generation**: for ``method="s2"``, ``generate()`` uses :class:`~sparse_attn.integrations.
+  s2_hf_cache.S2Cache` (a transformers ``Cache``) whose S2 layers store only each KV head's shard,
+  so the S2 memory saving is real in generation; decode steps run on ``sparse_decode`` over the
+  compacted shards. It is not used for a padded batch (the full ``DynamicCache`` and the
+  per-sequence path run), when a cache or ``cache_implementation`` is given, with chunked prefill
+  or assisted decoding, or with ``s2_cache=False``.
 * Not supported (ValueError): attention dropout > 0, non-causal attention, ``softcap``,
   attention sinks, paged (continuous-batching) caches. Seer's decode gate keeps per-sequence
   state: no beam-search reordering.
@@ -64,6 +74,8 @@ import torch
 from torch import Tensor, nn
 
 try:
+    from transformers.cache_utils import DynamicCache
+    from transformers.generation.utils import GenerationMixin
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
     from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 except ImportError as _e:  # pragma: no cover - depends on the installed version
@@ -75,6 +87,16 @@ except ImportError as _e:  # pragma: no cover - depends on the installed version
 from ..modules.functional import pattern_attention
 from ..modules.patterns import AttentionPattern, AttentionSpec, register_layout_fn
 from ..modules.registry import PATTERNS, build_pattern
+try:
+    from .s2_hf_cache import S2Cache, s2_cache_layer, s2_cache_patterns
+except ImportError:  # pragma: no cover - transformers without per-layer cache classes: no S2 cache
+    S2Cache = None
+
+    def s2_cache_layer(key):
+        return None
+
+    def s2_cache_patterns(model):
+        return {}
 
 __all__ = [
     "ATTN_NAME",
@@ -87,6 +109,7 @@ __all__ = [
     "collect_gates",
     "saved_selection",
     "register_layout_fn",
+    "S2Cache",
 ]
 
 ATTN_NAME = "sparse_attn"
@@ -95,6 +118,7 @@ METHODS: Dict[str, type] = PATTERNS
 _CONFIG_VERSION = 1
 _ORIGINAL_POST_INIT = None
 _ORIGINAL_INITIALIZE_WEIGHTS = None
+_ORIGINAL_PREPARE_CACHE = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +218,17 @@ def sparse_attention_forward(
         raise RuntimeError("this model's config asks for sparse attention but its layers have no pattern "
                            "modules; call apply_sparse_attention(model) to attach them")
     q_pre, k_pre = _take_pre_rope(pattern)
+    marked = s2_cache_layer(key)
+    if marked is not None:  # an S2Cache layer: prefill over the prompt, or decode from its shards
+        layer, phase = marked
+        if attention_mask is not None:
+            raise ValueError("S2Cache needs an unpadded batch (plain causal attention); for a padded batch use "
+                             "past_key_values=DynamicCache() (generate() does so by itself)")
+        if pattern is not None and pattern.distill:
+            raise ValueError("distillation runs on whole sequences, without an S2Cache")
+        if phase == "decode":
+            out = layer.s2.attend(query, scale=scaling, backend=layer.backend)
+            return out.transpose(1, 2).contiguous(), None
     out = pattern_attention(pattern, query, key, value, attn_mask=attention_mask, q_pre=q_pre, k_pre=k_pre,
                             position_ids=kwargs.get("position_ids"), scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -242,6 +277,38 @@ def _initialize_weights_with_patterns(self: PreTrainedModel, module: nn.Module, 
     return None
 
 
+_S2_CACHE_MODES = ("greedy_search", "sample", "beam_search", "beam_sample")
+
+
+def _wants_s2_cache(model: nn.Module, generation_config: Any, model_kwargs: Dict[str, Any], mode: Any) -> bool:
+    """generate() on a model whose S2 layers can keep shards only, in a setting the S2 cache serves:
+    our attention, no cache asked for, one token per step after the prompt, no padding."""
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        return False
+    if generation_config.cache_implementation is not None or getattr(generation_config, "is_assistant", False):
+        return False
+    mode = str(getattr(mode, "value", mode))
+    if getattr(generation_config, "prefill_chunk_size", None) or mode not in _S2_CACHE_MODES:
+        return False
+    if model_kwargs.get("inputs_embeds") is not None or not s2_cache_patterns(model):
+        return False
+    mask = model_kwargs.get("attention_mask")
+    return mask is None or bool(mask.all())  # one read at the start of generate()
+
+
+def _prepare_cache_with_s2(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+    # generate()'s cache preparation: as transformers does it, then, for a model patched with
+    # method="s2", its default DynamicCache replaced by an S2Cache (shards only)
+    user_cache = model_kwargs.get("past_key_values") is not None
+    result = _ORIGINAL_PREPARE_CACHE(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                     max_cache_length)
+    cache = model_kwargs.get("past_key_values")
+    if (not user_cache and type(cache) is DynamicCache
+            and _wants_s2_cache(self, generation_config, model_kwargs, generation_mode)):
+        model_kwargs["past_key_values"] = S2Cache(self, max_cache_len=max(1, int(max_cache_length)))
+    return result
+
+
 def register() -> None:
     """Register ``"sparse_attn"`` with transformers (attention and mask functions). Idempotent.
 
@@ -249,16 +316,18 @@ def register() -> None:
     saved after :func:`apply_sparse_attention` is rebuilt with its patterns (and their weights):
     ``register`` wraps ``PreTrainedModel.post_init`` so that models whose config holds
     ``sparse_attention`` get their pattern modules while they are constructed, before the
-    checkpoint loads, and wraps ``PreTrainedModel._initialize_weights`` so that pattern weights
-    missing from a checkpoint get their own initialisation. Models without that config are
-    untouched.
+    checkpoint loads, wraps ``PreTrainedModel._initialize_weights`` so that pattern weights
+    missing from a checkpoint get their own initialisation, and wraps
+    ``GenerationMixin._prepare_cache_for_generation`` so that ``generate()`` on a model patched
+    with ``method="s2"`` uses an :class:`S2Cache` instead of the default ``DynamicCache``. Models
+    without that config are untouched.
 
     Example::
 
         >>> register()
         >>> model = AutoModelForCausalLM.from_pretrained("saved_dir", attn_implementation="sparse_attn")
     """
-    global _ORIGINAL_POST_INIT, _ORIGINAL_INITIALIZE_WEIGHTS
+    global _ORIGINAL_POST_INIT, _ORIGINAL_INITIALIZE_WEIGHTS, _ORIGINAL_PREPARE_CACHE
     AttentionInterface.register(ATTN_NAME, sparse_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, sparse_attention_mask)
     if _ORIGINAL_POST_INIT is None:
@@ -267,6 +336,10 @@ def register() -> None:
     if _ORIGINAL_INITIALIZE_WEIGHTS is None and hasattr(PreTrainedModel, "_initialize_weights"):
         _ORIGINAL_INITIALIZE_WEIGHTS = PreTrainedModel._initialize_weights
         PreTrainedModel._initialize_weights = _initialize_weights_with_patterns
+    if (_ORIGINAL_PREPARE_CACHE is None and S2Cache is not None
+            and hasattr(GenerationMixin, "_prepare_cache_for_generation")):
+        _ORIGINAL_PREPARE_CACHE = GenerationMixin._prepare_cache_for_generation
+        GenerationMixin._prepare_cache_for_generation = _prepare_cache_with_s2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,7 +448,9 @@ def apply_sparse_attention(
             ``keep_first``, ``keep_last``, ``dense_last_rows``, ``share_gqa``) pick the blocks,
             default ``density=0.2``. Gates loaded from a directory bring the selection options
             saved with them (:func:`saved_selection`); the caller's options override them one by
-            one, and a rule the caller gives replaces the saved rule. ``method="block_mask"`` takes
+            one, and a rule the caller gives replaces the saved rule. ``method="s2"`` takes the
+            pattern options (``local_blocks``, ``vert_stride``, ...) and ``s2_cache`` (default True:
+            ``generate()`` keeps only each KV head's shard, :class:`S2Cache`). ``method="block_mask"`` takes
             ``layout_fn``: a callable ``(q, k) -> layout or block mask``, or a name given to
             :func:`register_layout_fn`.
 

@@ -4,7 +4,11 @@
 integrations (Hugging Face, and the Megatron / vLLM adapters), so every front end has one policy:
 
 * no element mask (the usual case: no padding, plain causal): :func:`sparse_attn.sparse_attention`
-  with the pattern's layout, bottom-right causal -- the fast path;
+  with the pattern's layout, bottom-right causal -- the fast path; decode-shaped calls (a few new
+  tokens over a KV cache: ``1 <= Sq <= 16``, ``Sq < Sk``, no gradient needed) run on
+  :func:`sparse_attn.sparse_decode` with the pattern's ``kv_blocks`` (None: dense; Seer: its decode
+  gate's block lists; S2: its config in closed form), so only the kept blocks are read; a pattern
+  without such a form (``block_mask``) keeps the layout path;
 * a left-padding mask (each sequence: padding keys first, then plain bottom-right causal -- what
   a padded ``generate()`` batch gives), for patterns whose layout depends only on the sequence
   (``pattern.per_sequence``: dense, S2, block_mask): the sparse op runs once per distinct padding
@@ -29,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..decode import DECODE_MAX_SQ, sparse_decode
 from ..layout import BlockSparseLayout
 from ..ops import sparse_attention
+from ..patterns.s2 import S2Config
 from ..reference import expand_kv, block_rows
 from .patterns import AttentionPattern
 
@@ -147,6 +153,36 @@ def left_padding(attn_mask: Tensor, seq_q: int, seq_k: int) -> Optional[List[int
     return result
 
 
+def _decode_call(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """A few new query rows over a longer cache (``1 <= Sq <= DECODE_MAX_SQ``, ``Sq < Sk``) and no
+    gradient to compute: :func:`sparse_decode`'s job (it has no backward)."""
+    sq = q.shape[2]
+    if not 1 <= sq <= DECODE_MAX_SQ or sq >= k.shape[2]:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+
+
+def _causal_attention(pattern: Optional[AttentionPattern], q: Tensor, k: Tensor, v: Tensor, *,
+                      q_pre: Optional[Tensor] = None, k_pre: Optional[Tensor] = None,
+                      position_ids: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Bottom-right causal attention with the pattern's blocks, no element mask: a decode-shaped
+    call on :func:`sparse_decode` (every sequence holds ``Sk`` keys) when the pattern gives its
+    blocks in the op's form, else :func:`sparse_attention` with its layout."""
+    backend = "auto" if pattern is None else pattern.backend
+    if _decode_call(q, k, v):
+        blocks = None if pattern is None else pattern.kv_blocks(q, k, q_pre=q_pre, k_pre=k_pre,
+                                                                position_ids=position_ids)
+        if blocks is not NotImplemented:
+            lens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+            block_size = None if blocks is None or isinstance(blocks, S2Config) else pattern.block_size
+            return sparse_decode(q, k, v, lens, kv_blocks=blocks, block_size=block_size, scale=scale,
+                                 backend=backend)
+    layout = None
+    if pattern is not None:
+        layout = pattern(q, k, q_pre=q_pre, k_pre=k_pre, position_ids=position_ids)
+    return sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=backend)
+
+
 def _per_sequence(pattern: AttentionPattern, q: Tensor, k: Tensor, v: Tensor, pads: List[int],
                   position_ids: Optional[Tensor], scale: Optional[float]) -> Tensor:
     """Left-padded batch: the sparse op on each padding group's real tokens, layouts anchored at
@@ -164,8 +200,7 @@ def _per_sequence(pattern: AttentionPattern, q: Tensor, k: Tensor, v: Tensor, pa
         pos = position_ids
         if pos is not None:
             pos = pos[sel, q0:] if pos.dim() == 2 and pos.shape[0] == b else pos[..., q0:]
-        layout = pattern(qb, kb, position_ids=pos)
-        ob = sparse_attention(qb, kb, vb, layout, causal=True, scale=scale, backend=pattern.backend)
+        ob = _causal_attention(pattern, qb, kb, vb, position_ids=pos, scale=scale)
         out = out.index_put((sel,), torch.cat([ob.new_zeros(len(rows), hq, q0, d), ob], dim=2))
     return out
 
@@ -188,7 +223,8 @@ def pattern_attention(
         pattern: an :class:`~sparse_attn.modules.AttentionPattern` (None = dense).
         q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Sk, D]``, post-RoPE, ``Sq <= Sk`` (queries are the
             last ``Sq`` positions: bottom-right causal, so decode and chunked prefill are right).
-        attn_mask: None (plain bottom-right causal: the sparse op runs), or a 4-D boolean/additive
+        attn_mask: None (plain bottom-right causal: the sparse op runs, the decode op for a few new
+            tokens over a cache), or a 4-D boolean/additive
             mask that already holds the causal rule: left padding runs the sparse op per padding
             group (layouts anchored at the first real token), anything else the exact masked
             path (:func:`masked_attention`).
@@ -217,12 +253,12 @@ def pattern_attention(
         pads = left_padding(attn_mask, q.shape[2], k.shape[2])
         if pads is not None:
             return _per_sequence(pattern, q, k, v, pads, position_ids, scale)
+    if attn_mask is None:
+        return _causal_attention(pattern, q, k, v, q_pre=q_pre, k_pre=k_pre, position_ids=position_ids,
+                                 scale=scale)
     layout = None
     if pattern is not None:
         layout = pattern(q, k, q_pre=q_pre, k_pre=k_pre, position_ids=position_ids)
-    backend = "auto" if pattern is None else pattern.backend
-    if attn_mask is None:
-        return sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=backend)
     applies = None
     if layout is not None and k.shape[2] > q.shape[2]:
         # Layouts put the queries on the last Sq keys. A mask whose last query cannot see the

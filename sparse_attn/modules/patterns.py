@@ -14,6 +14,15 @@ Prefill is ``Sq == Sk``; decode (``Sq == 1``) and chunked prefill (``1 < Sq < Sk
 pattern's ``decode`` option: ``"sparse"`` uses the method's rule for them where it has one and dense
 otherwise, ``"dense"`` always runs them dense.
 
+Decode-shaped calls (``1 <= Sq <= 16``, ``Sq < Sk``: a few new tokens over a KV cache) run on
+:func:`sparse_attn.sparse_decode`, which reads only the kept key blocks, once per GQA group. For them
+:func:`~sparse_attn.modules.pattern_attention` asks ``pattern.kv_blocks(q, k, ...)`` (the ``decode``
+policy, then the method's :meth:`AttentionPattern.decode_blocks`) for the op's ``kv_blocks``: None
+(dense), per (sequence, KV head) block lists ``(kv_num [B, Hkv], kv_idx [B, Hkv, N])`` (Seer's
+decode gate), an :class:`~sparse_attn.patterns.s2.S2Config` (S2, closed form), or ``NotImplemented``
+when the method has no such form (``block_mask``; S2 over query heads): then the layout path runs.
+The op always adds each row's own key block, and applies the block rule row by row.
+
 =============  ===================================================================================
 name           layout
 =============  ===================================================================================
@@ -143,6 +152,42 @@ class AttentionPattern(nn.Module):
         """The method's layout (see the module docstring for the arguments)."""
         raise NotImplementedError
 
+    def kv_blocks(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        q_pre: Optional[Tensor] = None,
+        k_pre: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+    ) -> Any:
+        """For a decode-shaped call (``Sq < Sk``), the ``kv_blocks`` of
+        :func:`~sparse_attn.sparse_decode`: the ``decode`` policy (``"dense"``: None), then
+        :meth:`decode_blocks`. Called *instead of* the module (a pattern with per-sequence state,
+        Seer's decode gate, advances it once either way).
+
+        Returns:
+            None (dense), ``(kv_num [B, Hkv], kv_idx [B, Hkv, N])`` int32 ascending, an
+            :class:`~sparse_attn.patterns.s2.S2Config`, or ``NotImplemented`` (no such form: call
+            the module for a layout instead; nothing was consumed).
+        """
+        if self.decode == "dense":
+            return None
+        return self.decode_blocks(q, k, q_pre=q_pre, k_pre=k_pre, position_ids=position_ids)
+
+    def decode_blocks(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        q_pre: Optional[Tensor] = None,
+        k_pre: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+    ) -> Any:
+        """The method's decode rule as :func:`~sparse_attn.sparse_decode` ``kv_blocks`` (see
+        :meth:`kv_blocks`; the op adds each row's own block). Default: ``NotImplemented``."""
+        return NotImplemented
+
     def reset(self) -> None:
         """Forget per-sequence state (decode caches). Default: nothing."""
 
@@ -188,6 +233,9 @@ class DensePattern(AttentionPattern):
     def layout(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
         return None
 
+    def decode_blocks(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
+        return None
+
 
 class S2Pattern(AttentionPattern):
     """S2-Attention: local window + per-head strided blocks (:func:`sparse_attn.patterns.strided`).
@@ -204,6 +252,14 @@ class S2Pattern(AttentionPattern):
     ``layout_heads="q"`` builds one pattern per query head (``strided(Hq, ...)``), the layout of
     Phi-3-small's vLLM port when combined with ``head_sliding_offset=1``.
 
+    Decode-shaped calls (a few new tokens over a KV cache) give :func:`~sparse_attn.sparse_decode`
+    the pattern itself (:attr:`s2_config`, applied in closed form, row by row -- the rule a full
+    forward applies to those rows, also for chunks that straddle a block boundary) when it is over
+    the KV heads with ``local_blocks >= 1``; otherwise (``layout_heads="q"`` with GQA) the layout
+    path runs. With ``s2_cache`` (default), the Hugging Face drop-in's ``generate()`` keeps a KV
+    cache holding only each KV head's shard (:class:`~sparse_attn.integrations.s2_hf_cache.S2Cache`,
+    :meth:`supports_s2_cache`); ``s2_cache=False`` keeps transformers' full ``DynamicCache``.
+
     Args:
         num_heads: heads the pattern is defined over (set by :meth:`from_spec` from ``layout_heads``).
         num_query_heads: as in :func:`~sparse_attn.patterns.strided` (set by :meth:`from_spec`;
@@ -212,6 +268,7 @@ class S2Pattern(AttentionPattern):
             keywords (``block_size``, ``local_blocks``, ``vert_stride``, ``homo_head``,
             ``num_dense_heads``, ``head_sliding_offset``), validated there once; kept as ``.s2_config``.
         layout_heads: ``"kv"`` or ``"q"`` (recorded for :meth:`get_config`).
+        s2_cache: let ``generate()`` use the shard-only S2 cache where it can (see above).
 
     Example::
 
@@ -232,6 +289,7 @@ class S2Pattern(AttentionPattern):
         layout_heads: str = "kv",
         decode: str = "sparse",
         backend: str = "auto",
+        s2_cache: bool = True,
         config: Optional[Any] = None,
         **pattern_options: Any,
     ) -> None:
@@ -246,9 +304,12 @@ class S2Pattern(AttentionPattern):
             raise ValueError(f"layout_heads must be 'kv' or 'q', got {layout_heads!r}")
         self.num_heads = int(num_heads)
         cfg.check_heads(self.num_heads, num_query_heads)
+        if not isinstance(s2_cache, bool):
+            raise TypeError(f"s2_cache must be a bool, got {type(s2_cache).__name__}")
         self.s2_config = cfg
         self.num_query_heads = num_query_heads
         self.layout_heads = layout_heads
+        self.s2_cache = s2_cache
 
     @property
     def options(self) -> Dict[str, Any]:
@@ -277,8 +338,30 @@ class S2Pattern(AttentionPattern):
         return strided(self.num_heads, q.shape[2], k.shape[2], num_query_heads=hq, device=q.device,
                        config=self.s2_config)
 
+    def _over_kv_heads(self, num_query_heads: int, num_kv_heads: int) -> bool:
+        """The pattern is one per KV head with DKernel's step from ``num_query_heads`` (what the
+        decode op's closed form and the S2 cache apply), with a window holding the own block."""
+        cfg = self.s2_config
+        return (self.num_heads == num_kv_heads and (self.num_query_heads or self.num_heads) == num_query_heads
+                and isinstance(cfg.local_blocks, int) and cfg.local_blocks >= 1
+                and cfg.position_type(True) == "absolute")
+
+    def decode_blocks(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
+        hq = self.num_query_heads
+        if hq is not None and q.shape[1] != hq:
+            raise ValueError(f"q has {q.shape[1]} heads but this S2 pattern was built for num_query_heads={hq}")
+        return self.s2_config if self._over_kv_heads(q.shape[1], k.shape[1]) else NotImplemented
+
+    def supports_s2_cache(self) -> bool:
+        """Whether ``generate()`` may keep this layer's KV cache as an
+        :class:`~sparse_attn.patterns.S2KVCache` (shards only): ``s2_cache`` on, sparse decode,
+        a pattern over the KV heads built with the layer's query heads (:meth:`from_spec`)."""
+        return (self.s2_cache and self.decode == "sparse" and self.layout_heads == "kv"
+                and self.num_query_heads is not None and self._over_kv_heads(self.num_query_heads, self.num_heads)
+                and not self.s2_config.kv_start_position)
+
     def get_config(self) -> Dict[str, Any]:
-        return {**super().get_config(), **self.options, "layout_heads": self.layout_heads}
+        return {**super().get_config(), **self.options, "layout_heads": self.layout_heads, "s2_cache": self.s2_cache}
 
 
 # Layout functions by name. A saved config is data: it refers to a layout function by the name it

@@ -66,7 +66,10 @@ class SeerPattern(AttentionPattern):
       :class:`~sparse_attn.patterns.SeerDecodeGate` with its incremental cache of compressed key
       blocks, kept in this module and restarted at every prefill (one sequence batch at a time; no
       beam-search reordering). The token's own (last) key block is always computed, as in the
-      authors' decode. Without a decode gate, decode runs dense.
+      authors' decode. Without a decode gate, decode runs dense. Through
+      :func:`~sparse_attn.modules.pattern_attention` (and the Hugging Face drop-in) the selection
+      goes to :func:`~sparse_attn.sparse_decode` as block lists (:meth:`decode_blocks`), so only the
+      selected K/V blocks are read.
     * Chunked prefill (``1 < Sq < Sk``): dense (the gate would need the earlier chunks' pre-RoPE
       keys); the decode cache is still fed.
     * Distillation (``distill = True``): :meth:`distillation_forward`, with the loss ``distill_loss``
@@ -245,6 +248,19 @@ class SeerPattern(AttentionPattern):
         own = torch.zeros(1, 1, 1, logits.shape[-1], dtype=torch.bool, device=logits.device)
         own[..., -1] = True
         return layout | BlockSparseLayout.from_block_mask(own, self.block_size, 1, seq_k)
+
+    def decode_blocks(self, q, k, *, q_pre=None, k_pre=None, position_ids=None):
+        """Decode-shaped calls: the decode gate's selection as :func:`~sparse_attn.sparse_decode`
+        block lists (:meth:`~sparse_attn.patterns.SeerDecodeGate.select` with this pattern's rule;
+        the op adds the token's own block, as :meth:`layout` does), None (dense: no decode gate,
+        no prefill seen, or a chunk of several tokens, whose keys still feed the gate's cache).
+        Advances the gate's cache like :meth:`layout`; call one or the other."""
+        self._pre(q_pre, k_pre, q, k)
+        sq, sk = q.shape[2], k.shape[2]
+        if sq == sk:
+            return NotImplemented  # prefill: the layout path
+        logits = self._decode_logits(q_pre, k_pre, sk, prefill=False)
+        return None if logits is None else self.decode_gate.select(logits, seq_k=sk, **self.select)
 
     def reset(self) -> None:
         self._decode_cache, self._decode_batch = None, -1

@@ -21,18 +21,24 @@ most one strided block, so the padding is small). Head ``h`` uses slots ``0 .. u
 (always a prefix: when the current block completes it takes the slot of the block leaving the
 window, or the next free slot if that block stays on the stride) and slot ``N``.
 
-Decode runs through the core op with ``causal=False`` (every stored key precedes the query) and
-a layout ``[1, Hs, 1, N + 1]`` whose row for head ``h`` lists the compacted blocks
-``0 .. used_h - 1, N``; attention is a sum over a set of keys, so their order in the store does
-not matter. The partial current block is why slot ``N`` is shared and last: every head is at the
-same position, so the current block has the same fill ``f`` in every head (it is always inside
-the window, ``local_blocks >= 1``), and putting it at the same place, last, lets the op's global
-key-length cut ``seq_k = N * bs + f`` mask its unwritten tail for all heads at once; complete
-blocks are always full, so nothing else needs masking.
+Decode runs through :func:`sparse_attn.sparse_decode` (:meth:`S2KVCache.attend`,
+:meth:`S2KVCache.decode_args`): the store is the contiguous cache ``[B, Hs, (N + 1) * bs, D]``,
+``cache_seqlens = N * bs + f`` (``f``: the current block's fill) and, per head, the block list
+``kv_blocks = (kv_num, kv_idx)`` with ``kv_idx[h] = 0 .. used_h - 1``. The query then sits at
+position ``N * bs + f - 1``, in slot ``N``, so the op's own-block rule adds the current block by
+itself and its causal cut hides the slot's unwritten tail; complete blocks are always full, so
+nothing else needs masking. Attention is a sum over a set of keys, so their order in the store
+does not matter. The partial current block is why slot ``N`` is shared and last: every head is
+at the same position, so the current block has the same fill ``f`` in every head (it is always
+inside the window, ``local_blocks >= 1``). The dense heads are one more, dense, call over their
+own store; the parts hold disjoint heads, so their outputs are concatenated head-wise.
+(:meth:`S2KVCache.decode_parts` gives the same decode as ``sparse_attention`` calls with a layout
+``[1, Hs, 1, N + 1]`` listing ``0 .. used_h - 1, N`` and ``causal=False``.)
 
 Bookkeeping (which block sits in which slot) is host-side integer work that depends only on the
-sequence length, never on tensor values: no device synchronisation. The layout is rebuilt once
-per block (only ``seq_k`` changes between block boundaries).
+sequence length, never on tensor values: no device synchronisation (index tensors reach a CUDA
+device by asynchronous copies from pinned memory; the decode block lists are computed on the
+device in closed form). They are rebuilt once per block (only the length changes in between).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from torch import Tensor
 from ..layout import BlockSparseLayout, ceil_div
 from .s2 import S2Config, stride_residue
 
-__all__ = ["S2KVCache", "S2DecodePart"]
+__all__ = ["S2KVCache", "S2DecodePart", "S2DecodeArgs"]
 
 Device = Union[str, torch.device, None]
 
@@ -97,6 +103,22 @@ class S2DecodePart(NamedTuple):
     k: Tensor
     v: Tensor
     layout: Optional[BlockSparseLayout]
+
+
+class S2DecodeArgs(NamedTuple):
+    """One :func:`~sparse_attn.sparse_decode` call of a decode step: the KV heads ``kv_heads =
+    (h0, h1)`` (query heads ``h0 * G .. h1 * G - 1``), their contiguous store ``k_cache``,
+    ``v_cache [B, h1 - h0, S_max, D]``, ``cache_seqlens [B]`` int32 and ``kv_blocks``
+    (``(kv_num [B, h1 - h0], kv_idx [B, h1 - h0, W])``, int32, ascending; None: dense) in blocks of
+    ``block_size``. Call ``sparse_decode(q_part, *args[1:4], kv_blocks=..., block_size=...)``
+    or use :meth:`S2KVCache.attend`."""
+
+    kv_heads: Tuple[int, int]
+    k_cache: Tensor
+    v_cache: Tensor
+    cache_seqlens: Tensor
+    kv_blocks: Optional[Tuple[Tensor, Tensor]]
+    block_size: int
 
 
 class _SlotTable:
@@ -174,18 +196,19 @@ class S2KVCache:
 
     Example::
 
-        >>> from sparse_attn import sparse_attention
+        >>> from sparse_attn import sparse_decode
         >>> cache = S2KVCache(1, 2, 64, block_size=16, local_blocks=2, vert_stride=4, max_seq_len=512,
         ...                   num_query_heads=8)
         >>> k = v = torch.randn(1, 2, 300, 64)
         >>> cache.prefill(k, v)                                   # keeps only each head's shard
         >>> cache.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))   # the new token
         >>> q = torch.randn(1, 8, 1, 64)                          # its query, GQA 4:1
-        >>> out = cache.attend(q)                                 # [1, 8, 1, 64]
-        >>> k_c, v_c, layout = cache.decode_inputs()              # or call the op yourself
-        >>> torch.allclose(out, sparse_attention(q, k_c, v_c, layout, causal=False))
+        >>> out = cache.attend(q)                                 # [1, 8, 1, 64], through sparse_decode
+        >>> (part,) = cache.decode_args()                         # or call the op yourself
+        >>> torch.allclose(out, sparse_decode(q, part.k_cache, part.v_cache, part.cache_seqlens,
+        ...                                   kv_blocks=part.kv_blocks, block_size=part.block_size))
         True
-        >>> k_c.shape[2], cache.seq_len, cache.memory_bytes() / cache.full_cache_bytes()
+        >>> int(part.cache_seqlens[0]), cache.seq_len, cache.memory_bytes() / cache.full_cache_bytes()
         (157, 301, 0.3125)
     """
 
@@ -221,15 +244,19 @@ class S2KVCache:
         self._residues = _stride_residues(num_kv_heads, vert_stride, self.homo_head, num_dense_heads,
                                           head_sliding_offset, self.num_query_heads)
         self.num_slots = self._complete_slots(max_seq_len)  # N; slot N holds the current block
-        opts = dict(dtype=dtype, device=torch.device("cpu" if device is None else device))
-        hs, nd, bs = self.num_sparse_heads, num_dense_heads, block_size
-        # Zeros, not empty: the reference backend multiplies unused slots by probability 0.
-        self._k_s = torch.zeros(batch, hs, (self.num_slots + 1) * bs, head_dim, **opts)
-        self._v_s = torch.zeros_like(self._k_s)
-        self._k_d = torch.zeros(batch, nd, max_seq_len, head_dim, **opts)
-        self._v_d = torch.zeros_like(self._k_d)
+        self._k_s, self._v_s, self._k_d, self._v_d = self._storage(
+            batch, self.num_slots, max_seq_len, torch.device("cpu" if device is None else device))
         self.device = self._k_d.device  # normalised ("cuda" -> "cuda:0")
         self.reset()
+
+    def _storage(self, batch: int, num_slots: int, max_seq_len: int, device) -> Tuple[Tensor, ...]:
+        """Zeroed ``(k_s, v_s, k_d, v_d)``. Zeros, not empty: ``decode_parts``' layouts make the
+        reference backend multiply unused slots by probability 0 (``attend`` never reads them)."""
+        opts = dict(dtype=self.dtype, device=device)
+        hs, nd, bs, d = self.num_sparse_heads, self.num_dense_heads, self.block_size, self.head_dim
+        k_s = torch.zeros(batch, hs, (num_slots + 1) * bs, d, **opts)
+        k_d = torch.zeros(batch, nd, max_seq_len, d, **opts)
+        return k_s, torch.zeros_like(k_s), k_d, torch.zeros_like(k_d)
 
     # -- sizes -----------------------------------------------------------------------------------
     def _complete_slots(self, n: int) -> int:
@@ -300,7 +327,48 @@ class S2KVCache:
         """Forget every token (the storage is reused; stale values are never read)."""
         self._n = 0
         self._table = _SlotTable(self._residues, self.local_blocks, self.vert_stride)
+        self._forget_index_tensors()
+
+    def _forget_index_tensors(self) -> None:
         self._layout_cache: Optional[Tuple[int, BlockSparseLayout]] = None
+        self._blocks_cache: Optional[Tuple[int, Tuple[Tensor, Tensor]]] = None
+        self._residues_dev: Optional[Tensor] = None
+
+    def reserve(self, max_seq_len: int) -> None:
+        """Grow the capacity to ``max_seq_len`` tokens (no-op if it is not larger), keeping what is
+        stored: one copy of the stored tokens into storage sized for the new capacity (a caller
+        that does not know the final length can grow geometrically)."""
+        _check_int("max_seq_len", max_seq_len, 1)
+        if max_seq_len <= self.max_seq_len:
+            return
+        slots = self._complete_slots(max_seq_len)  # never fewer: N grows with the length
+        k_s, v_s, k_d, v_d = self._storage(self.batch, slots, max_seq_len, self.device)
+        bs, old, n = self.block_size, self.num_slots, self._n
+        for new_t, old_t in ((k_s, self._k_s), (v_s, self._v_s)):
+            if old_t.shape[1]:
+                new_t[:, :, : old * bs] = old_t[:, :, : old * bs]  # complete blocks keep their slots
+                new_t[:, :, slots * bs:] = old_t[:, :, old * bs:]  # the current block stays last
+        for new_t, old_t in ((k_d, self._k_d), (v_d, self._v_d)):
+            new_t[:, :, :n] = old_t[:, :, :n]
+        self._k_s, self._v_s, self._k_d, self._v_d = k_s, v_s, k_d, v_d
+        self.num_slots, self.max_seq_len = slots, max_seq_len
+        self._forget_index_tensors()
+
+    def select_batch(self, indices: Tensor) -> None:
+        """Keep the batch rows ``indices`` (1-D integer tensor, repeats allowed; beam search's
+        reordering). Every row shares the slot table, so only the storage is gathered."""
+        if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.dtype.is_floating_point:
+            raise TypeError("indices must be a 1-D integer tensor")
+        idx = indices.to(self.device)
+        self._k_s, self._v_s, self._k_d, self._v_d = (t.index_select(0, idx).contiguous()
+                                                      for t in (self._k_s, self._v_s, self._k_d, self._v_d))
+        self.batch = int(indices.shape[0])
+        self._forget_index_tensors()
+
+    def repeat_batch(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times in place (``repeat_interleave`` order)."""
+        _check_int("repeats", repeats, 1)
+        self.select_batch(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
 
     def prefill(self, k: Tensor, v: Tensor) -> None:
         """Store a prompt's keys and values ``[B, Hkv, S, D]`` in an empty cache (only the
@@ -351,7 +419,7 @@ class S2KVCache:
         if rest:  # 3. complete blocks made of new tokens only, straight to their slots
             hs_, ss = self._index([(h, s) for h, _, s in rest])
             blocks = torch.tensor([c for _, c, _ in rest], dtype=torch.long)
-            tok = (blocks[:, None] * bs - n0 + torch.arange(bs)[None, :]).to(k.device)  # [P, bs]
+            tok = self._upload(blocks[:, None] * bs - n0 + torch.arange(bs)[None, :])  # [P, bs]
             for store, src in ((k5, k), (v5, v)):
                 store[:, hs_, ss] = src[:, hs_[:, None], tok]
         if new > old:  # 4. the new current block (new tokens only)
@@ -359,10 +427,17 @@ class S2KVCache:
             for store, src in ((k5, k), (v5, v)):
                 store[:, :, cur, : n1 - new * bs] = src[:, :, start:]
 
+    def _upload(self, t: Tensor) -> Tensor:
+        """A host-built index tensor on the cache's device; on CUDA through pinned memory and an
+        asynchronous copy, so the host never waits for the device (a pageable copy would)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _index(self, pairs: List[Tuple[int, int]]):
         if not pairs:
             return None, None
-        t = torch.tensor(pairs, dtype=torch.long).to(self.device)
+        t = self._upload(torch.tensor(pairs, dtype=torch.long))
         return t[:, 0], t[:, 1]
 
     def _check_kv(self, k: Tensor, v: Tensor) -> None:
@@ -434,6 +509,55 @@ class S2KVCache:
             parts.append(S2DecodePart((hs, self.num_kv_heads), self._k_d[:, :, :n], self._v_d[:, :, :n], None))
         return parts
 
+    def _sparse_blocks(self) -> Tuple[Tensor, Tensor]:
+        """``(kv_num [B, Hs], kv_idx [B, Hs, W])`` int32 over the compacted store: head ``h`` lists
+        slots ``0 .. used_h - 1`` (the current block, slot ``N``, is the query's own block and
+        needs no entry). Rebuilt once per block; expanded (stride 0) over the batch."""
+        cur = self._table.current
+        if self._blocks_cache is None or self._blocks_cache[0] != cur:
+            # used_h in closed form on the device (the class docstring's W + S_h at M = cur + 1
+            # blocks): Python ints and one residue tensor, so nothing is copied from the host
+            m, local, stride = cur + 1, self.local_blocks, self.vert_stride
+            if self._residues_dev is None:
+                self._residues_dev = self._upload(torch.tensor(self._residues, dtype=torch.int64))
+            before = max(0, m - local)
+            strided = torch.div(before - self._residues_dev + (stride - 1), stride, rounding_mode="floor").clamp(min=0)
+            kv_num = (strided + (min(local, m) - 1)).to(torch.int32)
+            width = max(1, min(local, m) - 1 + max(_strided_before(before, r, stride) for r in self._residues))
+            kv_idx = torch.arange(width, dtype=torch.int32, device=self.device)
+            self._blocks_cache = (cur, (kv_num, kv_idx))
+        kv_num, kv_idx = self._blocks_cache[1]
+        hs = self.num_sparse_heads
+        return kv_num[None].expand(self.batch, hs), kv_idx[None, None].expand(self.batch, hs, kv_idx.shape[0])
+
+    def decode_args(self) -> List[S2DecodeArgs]:
+        """The :func:`~sparse_attn.sparse_decode` calls that decode the query at the last stored
+        position (what :meth:`attend` runs): the sharded heads over their compacted store (length
+        ``N * bs + f``, ``f`` the current block's fill, so the query is in slot ``N`` and its own
+        block is that slot; the block list names the complete blocks it keeps) and, if any, the dense
+        heads over their history with no list. No host synchronisation (the lists are rebuilt on
+        the host once per block, from the sequence length only).
+
+        Example::
+
+            >>> for part in cache.decode_args():
+            ...     h0, h1 = part.kv_heads
+            ...     out[:, h0 * g:h1 * g] = sparse_decode(q[:, h0 * g:h1 * g], part.k_cache, part.v_cache,
+            ...                                           part.cache_seqlens, kv_blocks=part.kv_blocks,
+            ...                                           block_size=part.block_size)
+        """
+        if self._n == 0:
+            raise ValueError("the cache is empty: prefill() or append() first")
+        parts, hs, n, bs = [], self.num_sparse_heads, self._n, self.block_size
+        if hs:
+            length = self.num_slots * bs + (n - self._table.current * bs)
+            lens = torch.full((self.batch,), length, dtype=torch.int32, device=self.device)
+            parts.append(S2DecodeArgs((0, hs), self._k_s, self._v_s, lens, self._sparse_blocks(), bs))
+        if self.num_dense_heads:
+            lens = torch.full((self.batch,), n, dtype=torch.int32, device=self.device)
+            parts.append(S2DecodeArgs((hs, self.num_kv_heads), self._k_d, self._v_d, lens, None, bs))
+        return parts
+
     def decode_inputs(self) -> Tuple[Tensor, Tensor, Optional[BlockSparseLayout]]:
         """``(k_c [B, Hkv, Sk_c, D], v_c, layout)`` for ``sparse_attention(q, k_c, v_c, layout,
         causal=False)`` with ``q [B, Hq, 1, D]`` the query at the last stored position. One call
@@ -453,12 +577,13 @@ class S2KVCache:
 
     def attend(self, q: Tensor, *, scale: Optional[float] = None, backend: str = "auto",
                return_lse: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        """Attention of the query at the last stored position over this cache.
+        """Attention of the query at the last stored position over this cache, through
+        :func:`~sparse_attn.sparse_decode` (the calls of :meth:`decode_args`; inference only).
 
         Args:
             q: ``[B, Hq, 1, D]`` with ``Hq = num_query_heads`` (query head ``h`` reads KV head
                 ``h // (Hq // Hkv)``), in the cache's dtype and device.
-            scale, backend, return_lse: as in :func:`~sparse_attn.sparse_attention`.
+            scale, backend, return_lse: as in :func:`~sparse_attn.sparse_decode`.
 
         Returns:
             ``out [B, Hq, 1, D]`` (and ``lse [B, Hq, 1]`` with ``return_lse``), equal to
@@ -469,7 +594,7 @@ class S2KVCache:
             >>> cache.append(k_new, v_new)            # [B, Hkv, 1, D]: the token being decoded
             >>> out = cache.attend(q_new)             # [B, Hq, 1, D]
         """
-        from ..ops import sparse_attention
+        from ..decode import sparse_decode
 
         if not isinstance(q, Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -484,10 +609,11 @@ class S2KVCache:
                              f"cache with num_query_heads={q.shape[1]}")
         g = q.shape[1] // self.num_kv_heads
         outs, lses = [], []
-        for part in self.decode_parts():
+        for part in self.decode_args():
             h0, h1 = part.kv_heads
-            o, lse = sparse_attention(q[:, h0 * g:h1 * g], part.k, part.v, part.layout, causal=False,
-                                      scale=scale, return_lse=True, backend=backend)
+            o, lse = sparse_decode(q[:, h0 * g:h1 * g], part.k_cache, part.v_cache, part.cache_seqlens,
+                                   kv_blocks=part.kv_blocks, block_size=part.block_size, scale=scale,
+                                   return_lse=True, backend=backend)
             outs.append(o)
             lses.append(lse)
         out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 1), torch.cat(lses, 1))

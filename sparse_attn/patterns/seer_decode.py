@@ -34,6 +34,12 @@ decode gate (see :class:`SeerDecodeGate` for the options):
   completes during decode at the completing token's position instead of the block's start used in
   training; we keep the training positions.)
 
+Sparse decode. :meth:`SeerDecodeGate.select` turns a step's scores into the block lists of
+:func:`sparse_attn.sparse_decode` (``kv_num [B, Hkv]``, ``kv_idx [B, Hkv, Mk]``, ascending, on the
+device, no host synchronisation), and :meth:`SeerDecodeGate.attend` runs a whole decode step: score,
+select, then the decode op over the KV cache, which reads only the selected blocks and the token's
+own block, once per GQA group -- the gate's sparsity becomes fewer bytes read.
+
 Example::
 
     >>> gate = SeerDecodeGate(num_heads=8, num_kv_heads=2, head_dim=64, block_size=64)
@@ -41,14 +47,16 @@ Example::
     >>> prompt_q, prompt_k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 200, 64)
     >>> gate.step(prompt_q, prompt_k, cache).shape            # scores for the prompt's last token
     torch.Size([1, 2, 1, 4])
-    >>> gate.step(torch.randn(1, 8, 1, 64), torch.randn(1, 2, 1, 64), cache).shape   # next token
-    torch.Size([1, 2, 1, 4])
+    >>> logits = gate.step(torch.randn(1, 8, 1, 64), torch.randn(1, 2, 1, 64), cache)   # next token
+    >>> kv_num, kv_idx = gate.select(logits, topk=2)          # sparse_decode(..., kv_blocks=(kv_num, kv_idx))
+    >>> kv_num.shape, kv_idx.shape
+    (torch.Size([1, 2]), torch.Size([1, 2, 4]))
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -416,3 +424,85 @@ class SeerDecodeGate(_BlockGate):
             last = torch.arange(logits.shape[-1], device=q_tok.device) == logits.shape[-1] - 1
             logits = logits.masked_fill(last, float("-inf"))
         return logits
+
+    # -- sparse decode --------------------------------------------------------------------------
+    def select(self, logits: torch.Tensor, *, seq_k: Optional[int] = None,
+               **selection: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The key blocks a decode step reads, as :func:`~sparse_attn.sparse_decode`'s
+        ``kv_blocks``.
+
+        Args:
+            logits: a step's scores ``[B, Hkv, 1, Mk]`` (:meth:`step`; ``-inf`` = never chosen).
+            seq_k: the keys in the cache (default ``Mk * block_size``; only the causal limit,
+                which no block of a decode row crosses, depends on it).
+            selection: one rule and its modifiers, as for
+                :func:`~sparse_attn.patterns.select_blocks` (``threshold`` / ``topk`` / ``density`` /
+                ``nz_ratio``, ``keep_first``, ``keep_last``, ``strict``, ``dense_last_rows``,
+                ``share_gqa``): what :class:`~sparse_attn.modules.SeerPattern` passes.
+
+        Returns:
+            ``(kv_num [B, Hkv], kv_idx [B, Hkv, Mk])`` int32 on the logits' device: per sequence
+            and KV head the count and the ascending ids of the selected blocks (slots past the
+            count are padding). The decode op adds the token's own (last) block itself. Fixed
+            shapes, no host synchronisation.
+
+        Example::
+
+            >>> kv_num, kv_idx = gate.select(gate.step(q_tok, k_new, cache), density=0.2)
+        """
+        from .select import select_blocks
+
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or logits.shape[1:3] != (self.num_kv_heads, 1):
+            raise ValueError(f"logits must be a step's scores [B, {self.num_kv_heads}, 1, Mk], got "
+                             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        layout = select_blocks(logits, block_size=self.block_size, seq_q=1, seq_k=seq_k, causal=True,
+                               num_kv_heads=self.num_kv_heads, **selection)
+        return layout.kv_num[:, :, 0], layout.kv_idx[:, :, 0]
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        q_tok: torch.Tensor,
+        k_new: torch.Tensor,
+        cache: SeerDecodeCache,
+        *,
+        cache_seqlens: Optional[torch.Tensor] = None,
+        position: Optional[int] = None,
+        scale: Optional[float] = None,
+        backend: str = "auto",
+        return_lse: bool = False,
+        **selection: Any,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """One sparse decode step: :meth:`step` (append ``k_new``, score the blocks for
+        ``q_tok``), :meth:`select`, then :func:`~sparse_attn.sparse_decode` over the KV cache.
+        Inference only.
+
+        Args:
+            q: ``[B, Hq, 1, D]`` the token's (post-RoPE) query.
+            k_cache, v_cache: the KV cache holding the token's key and value, contiguous
+                ``[B, Hkv, S_max, D]`` (for a paged cache call :meth:`select` and the op yourself).
+            q_tok, k_new, cache, position: as for :meth:`step` (pre-RoPE query and new keys).
+            cache_seqlens: ``[B]`` int32 keys per sequence; default ``cache.length`` for all (the
+                gate's cache holds one length for the whole batch).
+            scale, backend, return_lse: as for :func:`~sparse_attn.sparse_decode`.
+            selection: the selection rule, as for :meth:`select`.
+
+        Returns:
+            ``out [B, Hq, 1, D]`` (and ``lse [B, Hq, 1]``): attention over the selected key blocks
+            and the token's own block.
+
+        Example::
+
+            >>> out = gate.attend(q, k_cache, v_cache, q_pre, k_pre_new, cache, topk=8)
+        """
+        from ..decode import sparse_decode
+
+        logits = self.step(q_tok, k_new, cache, position)
+        lens = cache_seqlens
+        if lens is None:
+            lens = torch.full((q.shape[0],), cache.length, dtype=torch.int32, device=q.device)
+        blocks = self.select(logits, seq_k=cache.length, **selection)
+        return sparse_decode(q, k_cache, v_cache, lens, kv_blocks=blocks, block_size=self.block_size, scale=scale,
+                             return_lse=return_lse, backend=backend)
