@@ -6,8 +6,9 @@ and kernels, timing forward, backward and forward+backward, checking every kerne
 and writing JSON + CSV + markdown + PNG plots. See ``bench/README.md``.
 
 Modules: ``registry`` (cases, patterns), ``peers`` (kernels), ``timing``, ``metrics`` (FLOPs,
-roofline, speed-ups), ``checks``, ``report`` (outputs), ``runner`` (command line, main loop), ``static`` (the
-compile-only report: ``--static``).
+roofline, speed-ups; HBM bandwidths and the decode model), ``checks``, ``report`` (outputs), ``runner``
+(command line, main loop), ``decode`` (the decode family, ``--decode``: ``sparse_decode`` over a KV
+cache, bytes and bandwidth instead of FLOPs), ``static`` (the compile-only report: ``--static``).
 
 Example::
 

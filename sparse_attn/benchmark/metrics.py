@@ -10,6 +10,12 @@ Counting convention (the one FlashAttention's benchmarks use, made exact for blo
   query heads); *effective* TFLOP/s count the dense causal pairs, i.e. what a dense kernel would
   have to do in the same time. So ``effective = computed * dense_pairs / pairs``;
 * *roofline* = computed TFLOP/s / the GPU's dense peak for the dtype (blank when unknown).
+
+Decode (``--decode``) is memory-bound, so its rows count bytes instead: the K and V bytes of the
+kept key blocks (every visible token of a kept block, once per KV head) plus the bytes of q and
+out; achieved GB/s = those bytes / time, and ``bw_frac`` = achieved / the GPU's HBM peak
+(:data:`PEAK_HBM_TBS`). :func:`decode_model_ms` is a MODEL of the same bytes on a chip (a
+roofline over the data-sheet HBM bandwidth plus a fixed launch cost), not a measurement.
 """
 
 from __future__ import annotations
@@ -29,7 +35,13 @@ __all__ = [
     "flops",
     "peak_tflops",
     "fill_rates",
+    "fill_per_second",
     "speedups",
+    "PEAK_HBM_TBS",
+    "MODEL_CHIPS",
+    "DECODE_LAUNCH_US",
+    "peak_hbm_gbps",
+    "decode_model_ms",
 ]
 
 PASSES = ("fwd", "bwd", "fwd_bwd")
@@ -46,6 +58,23 @@ PEAK_TFLOPS: List[Tuple[str, float]] = [
     (r"\bL40S\b", 362.0),
 ]
 _PEAK_DTYPES = ("bfloat16", "float16")
+
+# HBM (DRAM) bandwidth in TB/s (1e12 bytes/s) from the vendor data sheets, by GPU name as above.
+# H100 SXM's 3.35 is the value triton_kernels/configs.py CHIPS[90] models with.
+PEAK_HBM_TBS: List[Tuple[str, float]] = [
+    (r"\bH200\b", 4.8),  # H200 SXM and H200 NVL: 141 GB HBM3e, 4.8 TB/s
+    (r"\bH100\b.*\bNVL\b", 3.9),
+    (r"\bH100\b.*\b(SXM|HBM3)\b", 3.35),
+    (r"\bH100\b.*\bPCIe\b", 2.0),
+    (r"\bA100\b.*\bSXM\w*-80GB\b", 2.039),
+    (r"\bA100\b.*\b80GB\b.*\bPCIe\b", 1.935),
+    (r"\bA100\b.*\b40GB\b", 1.555),
+    (r"\bL40S\b", 0.864),
+]
+# The chips every decode row is modelled on, whatever machine runs (the columns model_*_<key>).
+MODEL_CHIPS: Dict[str, Tuple[str, float]] = {"h100": ("H100 SXM", 3.35), "h200": ("H200", 4.8)}
+# Model parameter: the fixed cost of one decode call, two launches (split pass + merge) of ~2.5 us.
+DECODE_LAUNCH_US = 5.0
 
 
 def pair_counts(seq_q: int, seq_k: int, bq: int, bk: int, causal: bool = True,
@@ -183,6 +212,37 @@ def peak_tflops(gpu_name: Optional[str], dtype: str) -> Optional[float]:
     return None
 
 
+def peak_hbm_gbps(gpu_name: Optional[str]) -> Optional[float]:
+    """The data-sheet HBM bandwidth of a GPU in GB/s (1e9 bytes/s), or ``None`` when not known.
+
+    Example::
+
+        >>> peak_hbm_gbps("NVIDIA H200"), peak_hbm_gbps("NVIDIA H100 80GB HBM3"), peak_hbm_gbps("cpu")
+        (4800.0, 3350.0, None)
+    """
+    if not gpu_name:
+        return None
+    for pattern, tbs in PEAK_HBM_TBS:
+        if re.search(pattern, gpu_name, flags=re.IGNORECASE):
+            return round(tbs * 1e3, 6)
+    return None
+
+
+def decode_model_ms(nbytes: float, hbm_gbps: float, launch_us: float = DECODE_LAUNCH_US) -> float:
+    """MODELLED time (ms) of a decode call that must move ``nbytes`` through HBM: a fixed launch
+    cost plus the bytes at the full data-sheet bandwidth. A lower bound of a roofline, not a
+    measurement.
+
+    Example::
+
+        >>> round(decode_model_ms(4.8e9, 4800.0, launch_us=0.0), 6)   # 4.8 GB at 4.8 TB/s
+        1.0
+    """
+    if not hbm_gbps > 0:
+        raise ValueError(f"hbm_gbps must be positive, got {hbm_gbps!r}")
+    return launch_us * 1e-3 + float(nbytes) / (hbm_gbps * 1e9) * 1e3
+
+
 def fill_rates(row: Dict[str, Any], peak: Optional[float]) -> None:
     """Set ``flops``, ``tflops``, ``tflops_effective`` and ``roofline`` of a result row in place.
 
@@ -196,13 +256,26 @@ def fill_rates(row: Dict[str, Any], peak: Optional[float]) -> None:
     """
     row["flops"] = flops(row["pairs"], row["head_dim"], row["pass"])
     row["dense_flops"] = flops(row["dense_pairs"], row["head_dim"], row["pass"])
+    timed = fill_per_second(row, {"tflops": row["flops"], "tflops_effective": row["dense_flops"]}, 1e12)
+    row["roofline"] = row["tflops"] / peak if timed and peak else None
+
+
+def fill_per_second(row: Dict[str, Any], amounts: Dict[str, float], unit: float) -> bool:
+    """Set ``row[name] = amount / (row["ms"] ms) / unit`` for each of ``amounts`` in place; all
+    None, and False returned, unless the row has a positive ``ms``. The rates of :func:`fill_rates`
+    (FLOP/s) and of the decode rows (bytes/s).
+
+    Example::
+
+        >>> row = {"ms": 2.0}
+        >>> fill_per_second(row, {"gbps": 4e9}, 1e9), row["gbps"]
+        (True, 2000.0)
+    """
     ms = row.get("ms")
-    if ms is None or not ms > 0:
-        row["tflops"] = row["tflops_effective"] = row["roofline"] = None
-        return
-    row["tflops"] = row["flops"] / (ms * 1e-3) / 1e12
-    row["tflops_effective"] = row["dense_flops"] / (ms * 1e-3) / 1e12
-    row["roofline"] = row["tflops"] / peak if peak else None
+    timed = ms is not None and ms > 0
+    for name, amount in amounts.items():
+        row[name] = amount / (ms * 1e-3) / unit if timed else None
+    return timed
 
 
 def _shape_key(r: Dict[str, Any]) -> tuple:

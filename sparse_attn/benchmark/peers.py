@@ -13,6 +13,7 @@ reason it is skipped: the row says "skipped", the run goes on) and a ``prepare``
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import warnings
@@ -134,9 +135,12 @@ def _ours(backend: str, tuned: bool = False) -> KernelSpec:
             if backend in available_backends(env.device):
                 return None
             # Not listed for this device: a tiny call gives the library's own reason (it raises
-            # before any kernel runs), or shows that the backend works after all.
+            # before any kernel runs), or shows that the backend works after all. The call is
+            # prefill-shaped (more query rows than a decode call takes, with a gradient), as the
+            # cases are: backend="cuda" runs decode-shaped calls only.
             try:
-                q = torch.zeros(1, 1, 16, case.head_dim, device=env.device, dtype=case.torch_dtype)
+                q = torch.zeros(1, 1, 32, case.head_dim, device=env.device, dtype=case.torch_dtype,
+                                requires_grad=True)
                 sparse_attention(q, q, q, None, causal=True, backend=backend)
             except Exception as exc:  # noqa: BLE001
                 return _reason(exc)
@@ -326,19 +330,24 @@ def _flex_prepare(env: Env, case: Case, data: Dict[str, Any]) -> Prepared:
 # ------------------------------------------------------------------------------------------------
 # flash-attn (Dao-AILab), when installed
 # ------------------------------------------------------------------------------------------------
-def _flash_attn_probe(env: Env, case: Case) -> Optional[str]:
-    def run() -> Optional[str]:
-        if env.device.type != "cuda":
-            return "flash_attn needs CUDA"
-        if case.torch_dtype not in (torch.float16, torch.bfloat16):
-            return f"flash_attn needs fp16/bf16, not {case.dtype}"
-        try:
-            from flash_attn import flash_attn_func  # noqa: F401
-        except Exception as exc:  # noqa: BLE001
-            return f"flash_attn not importable ({type(exc).__name__})"
-        return None
+def _flash_attn_missing(env: Env, case: Any, symbol: str) -> Optional[str]:
+    """Why ``flash_attn.<symbol>`` cannot run ``case`` (a prefill or decode case) here -- it needs
+    CUDA, fp16/bf16 and an importable flash-attn -- or None. No kernel runs."""
+    if env.device.type != "cuda":
+        return "flash_attn needs CUDA"
+    if case.torch_dtype not in (torch.float16, torch.bfloat16):
+        return f"flash_attn needs fp16/bf16, not {case.dtype}"
+    try:  # `from flash_attn import <symbol>`
+        module = importlib.import_module("flash_attn")
+        if not hasattr(module, symbol):
+            raise ImportError(f"cannot import name {symbol!r} from 'flash_attn'")
+    except Exception as exc:  # noqa: BLE001
+        return f"flash_attn not importable ({type(exc).__name__})"
+    return None
 
-    return _cached_probe(env, ("flash_attn", case.dtype), run)
+
+def _flash_attn_probe(env: Env, case: Case) -> Optional[str]:
+    return _cached_probe(env, ("flash_attn", case.dtype), lambda: _flash_attn_missing(env, case, "flash_attn_func"))
 
 
 def _flash_attn_prepare(env: Env, case: Case, data: Dict[str, Any]) -> Prepared:

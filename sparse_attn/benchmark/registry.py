@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ from ..layout import BlockSparseLayout
 from .metrics import causal_blocks
 from .timing import time_host
 
-__all__ = ["DTYPES", "Case", "PatternBuild", "PatternSpec", "PATTERNS", "register_pattern", "build_cases"]
+__all__ = ["DTYPES", "Case", "PatternBuild", "PatternSpec", "PATTERNS", "register_pattern", "build_cases", "head_grid"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -254,6 +254,37 @@ def build_cases(args: Any) -> List[Case]:
     if unknown:
         raise ValueError(f"patterns: unknown {unknown}; known: {sorted(PATTERNS)}")
     cases: List[Case] = []
+    for dtype, head_dim, ratio in head_grid(args):
+        for seq in args.seqs:
+            if seq < 1:
+                raise ValueError(f"seqs: {seq} must be positive")
+            for name in args.patterns:
+                spec = PATTERNS[name]
+                densities: Sequence[Optional[float]] = args.densities if spec.uses_density else [None]
+                for pargs in spec.variants(args):
+                    for d in densities:
+                        if d is not None and not 0.0 < d <= 1.0:
+                            raise ValueError(f"densities: {d} must be in (0, 1]")
+                        cases.append(Case(
+                            pattern=name, seq=int(seq), density=None if d is None else float(d),
+                            batch=int(args.batch), heads=int(args.heads),
+                            kv_heads=int(args.heads) // int(ratio), head_dim=int(head_dim),
+                            block=int(args.block), dtype=dtype,
+                            pattern_args=tuple(sorted(pargs.items())), seed=int(args.seed)))
+    return cases
+
+
+def head_grid(args: Any) -> Iterator[Tuple[str, int, int]]:
+    """``(dtype, head_dim, gqa ratio)`` over ``args.dtypes x args.head_dims x args.gqa``, the outer
+    loops of the prefill and decode case grids, each checked as it is reached (a ``ValueError``
+    names a dtype not in :data:`DTYPES`, or a ratio below 1 or not dividing ``args.heads``).
+
+    Example::
+
+        >>> import argparse
+        >>> list(head_grid(argparse.Namespace(dtypes=["fp32"], head_dims=[32, 64], gqa=[1, 2], heads=4)))
+        [('fp32', 32, 1), ('fp32', 32, 2), ('fp32', 64, 1), ('fp32', 64, 2)]
+    """
     for dtype in args.dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"dtypes: {dtype!r} is not one of {sorted(DTYPES)}")
@@ -261,20 +292,4 @@ def build_cases(args: Any) -> List[Case]:
             for ratio in args.gqa:
                 if ratio < 1 or args.heads % ratio:
                     raise ValueError(f"gqa: ratio {ratio} must be >= 1 and divide heads={args.heads}")
-                for seq in args.seqs:
-                    if seq < 1:
-                        raise ValueError(f"seqs: {seq} must be positive")
-                    for name in args.patterns:
-                        spec = PATTERNS[name]
-                        densities: Sequence[Optional[float]] = args.densities if spec.uses_density else [None]
-                        for pargs in spec.variants(args):
-                            for d in densities:
-                                if d is not None and not 0.0 < d <= 1.0:
-                                    raise ValueError(f"densities: {d} must be in (0, 1]")
-                                cases.append(Case(
-                                    pattern=name, seq=int(seq), density=None if d is None else float(d),
-                                    batch=int(args.batch), heads=int(args.heads),
-                                    kv_heads=int(args.heads) // int(ratio), head_dim=int(head_dim),
-                                    block=int(args.block), dtype=dtype,
-                                    pattern_args=tuple(sorted(pargs.items())), seed=int(args.seed)))
-    return cases
+                yield dtype, head_dim, ratio

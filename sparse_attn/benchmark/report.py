@@ -15,7 +15,7 @@ import platform
 import re
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -218,8 +218,14 @@ def targets_summary(rows: List[Dict[str, Any]], kernel: str = "ours_triton") -> 
     return out
 
 
-def write_outputs(out_dir: str, stem: str, meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> Dict[str, str]:
+def write_outputs(out_dir: str, stem: str, meta: Dict[str, Any], rows: List[Dict[str, Any]],
+                  columns: Optional[List[str]] = None, sections: Optional[List[Tuple[str, str]]] = None,
+                  table: Optional[Callable[[List[Dict[str, Any]]], str]] = None) -> Dict[str, str]:
     """Write ``<stem>.json`` (meta + rows), ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``.
+
+    ``columns`` (default :data:`COLUMNS`), ``sections`` (``(heading, text)`` pairs written before
+    the results; default: the prefill targets) and ``table`` (default :func:`markdown_table`) let
+    another benchmark family (decode) use the same writer.
 
     Returns ``{"json": path, "csv": path, "md": path}``.
 
@@ -232,12 +238,13 @@ def write_outputs(out_dir: str, stem: str, meta: Dict[str, Any], rows: List[Dict
     """
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "csv", "md")}
-    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    cols = list(COLUMNS if columns is None else columns)
+    extra = sorted({k for r in rows for k in r} - set(cols))
     tmp = {ext: p + ".tmp" for ext, p in paths.items()}
     with open(tmp["json"], "w") as f:
-        json.dump(dict(meta=meta, columns=COLUMNS + extra, rows=rows), f, indent=1, default=str)
+        json.dump(dict(meta=meta, columns=cols + extra, rows=rows), f, indent=1, default=str)
     with open(tmp["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS + [c for c in extra if c != "traceback"], extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=cols + [c for c in extra if c != "traceback"], extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
@@ -247,11 +254,14 @@ def write_outputs(out_dir: str, stem: str, meta: Dict[str, Any], rows: List[Dict
             f.write("**CPU smoke run: checks the harness only; these numbers are NOT speed claims.**\n\n")
         for k, v in meta.items():
             f.write(f"- **{k}**: {v}\n")
-        f.write("\n## Targets (our Triton kernel, table tiles)\n\n" + "\n".join(targets_summary(rows)) + "\n")
-        if any(r["kernel"] == "ours_triton_tuned" for r in rows):
-            f.write("\n## Targets (our Triton kernel, SPARSE_ATTN_AUTOTUNE=1)\n\n"
-                    + "\n".join(targets_summary(rows, "ours_triton_tuned")) + "\n")
-        f.write("\n## Results\n\n" + markdown_table(rows) + "\n")
+        if sections is None:
+            sections = [("Targets (our Triton kernel, table tiles)", "\n".join(targets_summary(rows)))]
+            if any(r["kernel"] == "ours_triton_tuned" for r in rows):
+                sections.append(("Targets (our Triton kernel, SPARSE_ATTN_AUTOTUNE=1)",
+                                 "\n".join(targets_summary(rows, "ours_triton_tuned"))))
+        for heading, text in sections:
+            f.write(f"\n## {heading}\n\n{text}\n")
+        f.write("\n## Results\n\n" + (table or markdown_table)(rows) + "\n")
         skipped: Dict[Tuple[str, str], int] = {}
         for r in rows:
             if r.get("status") == "skipped":
@@ -378,9 +388,11 @@ def write_plots(out_dir: str, stem: str, rows: List[Dict[str, Any]], meta: Dict[
 _SKIPS_SAID: set = set()  # (kernel, reason) of skipped rows already explained in this process
 
 
-def print_rows(rows: List[Dict[str, Any]], tag: str) -> None:
+def print_rows(rows: List[Dict[str, Any]], tag: str,
+               status: Optional[Callable[[Dict[str, Any]], str]] = None) -> None:
     """One progress line per row on stdout; a kernel's passes skipped for one reason share a line,
-    and a reason already given (e.g. "needs TRITON_INTERPRET" on every case) is not repeated."""
+    and a reason already given (e.g. "needs TRITON_INTERPRET" on every case) is not repeated.
+    ``status(row)`` formats an ``ok`` row (default: ms, TFLOP/s and the check)."""
     done = set()
     for r in rows:
         if r.get("status") == "skipped":
@@ -397,11 +409,11 @@ def print_rows(rows: List[Dict[str, Any]], tag: str) -> None:
             print(f"[{tag}] {r['kernel']:>14} {passes:>7}: {text}", flush=True)
             continue
         if r.get("status") == "ok":
-            status = f"{r['ms']:.3f} ms  {_fmt(r.get('tflops'), 1)} TFLOP/s"
+            text = status(r) if status is not None else f"{r['ms']:.3f} ms  {_fmt(r.get('tflops'), 1)} TFLOP/s"
             if r.get("check"):
-                status += f"  check {r['check']} ({_fmt(r.get('max_err'))})"
+                text += f"  check {r['check']} ({_fmt(r.get('max_err'))})"
         else:
-            status = str(r.get("error"))
-            status = status if status.startswith(r["status"]) else f"{r['status']}: {status}"
-        print(f"[{tag}] {r['kernel']:>14} {r['pass']:>7}: {status}", flush=True)
+            text = str(r.get("error"))
+            text = text if text.startswith(r["status"]) else f"{r['status']}: {text}"
+        print(f"[{tag}] {r['kernel']:>14} {r['pass']:>7}: {text}", flush=True)
     sys.stdout.flush()

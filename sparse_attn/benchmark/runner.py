@@ -9,12 +9,13 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import report
 from .checks import TOLS, check_rows, reference_outputs
+from .decode import DECODE_CPU_OVERRIDES, DECODE_KERNELS, DECODE_PRESETS
 from .metrics import fill_rates, layout_stats, pair_counts, peak_tflops, speedups
 from .peers import CPU_KERNELS, CUDA_KERNELS, KERNELS, KernelSpec
 from .registry import DTYPES, PATTERNS, Case, build_cases
@@ -60,11 +61,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """
     p = argparse.ArgumentParser(
         prog="sparse-attn bench",
-        description="Block-sparse attention benchmark: our kernels vs SDPA, FlexAttention and flash-attn.",
+        description="Block-sparse attention benchmark: our kernels vs SDPA, FlexAttention and flash-attn "
+                    "(prefill: the default; decode over a KV cache: --decode).",
         epilog="patterns: " + "; ".join(f"{n}: {s.description}" for n, s in PATTERNS.items())
-        + ". kernels: " + "; ".join(f"{n}: {s.description}" for n, s in KERNELS.items()))
-    p.add_argument("--suite", choices=sorted(PRESETS), default="default", help="preset (default: default)")
-    p.add_argument("--quick", action="store_true", help="same as --suite quick (used by bench/gpu_check.sh)")
+        + ". kernels: " + "; ".join(f"{n}: {s.description}" for n, s in KERNELS.items())
+        + ". decode kernels (--decode): " + "; ".join(f"{n}: {s.description}" for n, s in DECODE_KERNELS.items()))
+    p.add_argument("--suite", choices=sorted(PRESETS) + sorted(DECODE_PRESETS), default=None,
+                   help="preset (default: default; with --decode: decode)")
+    p.add_argument("--quick", action="store_true",
+                   help="same as --suite quick, or --suite decode_quick with --decode (used by bench/gpu_check.sh)")
+    p.add_argument("--decode", action="store_true",
+                   help="the decode family: sparse_decode over a KV cache (same as --suite decode)")
     p.add_argument("--cpu", action="store_true",
                    help="smoke run on CPU: tiny shapes, reference backend, SDPA math, eager flex; NOT speed claims")
     p.add_argument("--seqs", type=int, nargs="+")
@@ -76,7 +83,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
     p.add_argument("--block", type=int, help="layout block size (16/32/64/128)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--kernels", nargs="+", choices=sorted(KERNELS))
+    p.add_argument("--kernels", nargs="+", choices=sorted(set(KERNELS) | set(DECODE_KERNELS)))
     p.add_argument("--passes", nargs="+", choices=["fwd", "bwd", "fwd_bwd"])
     p.add_argument("--s2-local-blocks", type=int, help="S2: local window in blocks")
     p.add_argument("--s2-strides", type=int, nargs="+", help="S2: vertical strides, one case each")
@@ -92,16 +99,50 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float,
                    help="dense peak TFLOP/s for the roofline column (default: the built-in table by GPU name)")
     p.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group("decode (--decode)")
+    d.add_argument("--batches", type=int, nargs="+", help="decode: batch sizes")
+    d.add_argument("--contexts", type=int, nargs="+", help="decode: tokens in each sequence's cache")
+    d.add_argument("--keeps", type=float, nargs="+", help="decode: kept fraction of the key blocks (1 = dense)")
+    d.add_argument("--layouts", nargs="+", choices=["contiguous", "paged"], help="decode: cache layouts")
+    d.add_argument("--page-sizes", type=int, nargs="+", help="decode: page sizes of the paged cache")
+    d.add_argument("--sqs", type=int, nargs="+", help="decode: new query rows per sequence (1; 2..16 speculative)")
+    d.add_argument("--selection", choices=["spread", "random"],
+                   help="decode: how the older kept blocks are chosen (the recent window is always kept)")
+    d.add_argument("--recent-blocks", type=int, help="decode: the recent window, in blocks")
+    d.add_argument("--check-batch", type=int, help="decode: sequences checked against the reference (GPU runs)")
+    d.add_argument("--hbm-tbs", type=float,
+                   help="decode: HBM bandwidth (TB/s) for bw_frac (default: the built-in table by GPU name)")
     p.add_argument("--out", default="bench_results",
                    help="output directory (default ./bench_results, under the current directory)")
     args = p.parse_args(list(argv) if argv is not None else None)
-    if args.quick:
-        args.suite = "quick"
-    preset = dict(PRESETS[args.suite])
-    if args.cpu:
-        preset.update(CPU_OVERRIDES)
-        if args.suite == "s2":
-            preset["kernels"] = ["sdpa_math", "ours_reference"]
+    if args.suite is None:
+        args.suite = ("decode_quick" if args.quick else "decode") if args.decode else (
+            "quick" if args.quick else "default")
+    elif args.decode and args.suite not in DECODE_PRESETS:
+        p.error(f"--suite {args.suite} is not a decode suite ({sorted(DECODE_PRESETS)})")
+    elif args.quick and args.suite not in ("quick", "decode_quick"):
+        p.error(f"--suite {args.suite} contradicts --quick")
+    decode = args.suite in DECODE_PRESETS
+    args.decode = decode
+    mode_opts = (("seqs", "patterns", "densities", "s2_local_blocks", "s2_strides") if decode else
+                 ("batches", "contexts", "keeps", "layouts", "page_sizes", "sqs", "selection", "recent_blocks",
+                  "check_batch", "hbm_tbs"))
+    wrong = [f"--{o.replace('_', '-')}" for o in mode_opts if getattr(args, o) is not None]
+    if wrong:
+        p.error(f"{', '.join(wrong)}: not options of the {'decode' if decode else 'prefill'} family")
+    if decode:
+        preset = dict(DECODE_PRESETS[args.suite])
+        if args.cpu:
+            preset.update(DECODE_CPU_OVERRIDES)
+        bad = [k for k in (args.kernels or []) if k not in DECODE_KERNELS]
+        if bad:
+            p.error(f"--kernels {bad}: not decode kernels (decode: {sorted(DECODE_KERNELS)})")
+    else:
+        preset = dict(PRESETS[args.suite])
+        if args.cpu:
+            preset.update(CPU_OVERRIDES)
+            if args.suite == "s2":
+                preset["kernels"] = ["sdpa_math", "ours_reference"]
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
@@ -109,6 +150,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("heads", "block", "batch", "warmup", "rep", "check_rows"):
         if getattr(args, name) < (0 if name in ("warmup",) else 1):
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if decode and args.check_batch is not None and args.check_batch < 1:
+        p.error(f"--check-batch must be positive, got {args.check_batch}")
+    if decode and args.hbm_tbs is not None and not args.hbm_tbs > 0:
+        p.error(f"--hbm-tbs must be positive, got {args.hbm_tbs}")
     return args
 
 
@@ -163,18 +208,10 @@ def _run_kernel(spec: KernelSpec, case: Case, data: Dict[str, Any], inputs: Dict
     def every(**fields: Any) -> Dict[str, Dict[str, Any]]:
         return {p: dict(fields) for p in args.passes}
 
-    try:
-        reason = spec.probe(env, case)
-    except Exception as exc:  # noqa: BLE001 - a broken probe is the kernel's error, not the run's
-        return every(error=f"probe failed: {type(exc).__name__}: {exc}"[:300]), {}, None
-    if reason:
-        return every(status="skipped", error=f"skipped: {reason}"), {}, None
-    if not always and env.over_budget():
-        return every(status="skipped", error=f"skipped: time budget ({env.budget_s:.0f}s) spent"), {}, None
+    gate = _gate(spec, case, env, always)
+    if gate is not None:
+        return every(**gate), {}, None
     key = spec.compile_key(case) if spec.compile_key else None
-    if not always and key is not None and key not in env.compiled and env.over_budget(extra_s=FLEX_COMPILE_EST_S):
-        why = f"skipped: a new compile (~{FLEX_COMPILE_EST_S:.0f}s) would exceed the time budget"
-        return every(status="skipped", error=why), {}, None
     try:
         attn, extra = spec.prepare(env, case, data)
         results, outputs = time_passes(env, attn, inputs["q"], inputs["k"], inputs["v"], inputs["dout"], args.passes)
@@ -188,18 +225,48 @@ def _run_kernel(spec: KernelSpec, case: Case, data: Dict[str, Any], inputs: Dict
     except _Interrupted:
         raise
     except Exception as exc:  # noqa: BLE001 - a failing kernel is a row, not the end of the run
-        text = str(exc).strip().splitlines()
-        err = dict(error=f"{type(exc).__name__}: {text[0] if text else ''}"[:300],
-                   traceback=traceback.format_exc()[-4000:])
-        results, extra, outputs = every(**err), {}, None
+        results, extra, outputs = every(**_error_fields(exc)), {}, None
+    _settle_cuda(env, outputs is None or any("error" in r for r in results.values()))
+    return results, extra, outputs
+
+
+def _gate(spec: Any, case: Any, env: Env, always: bool) -> Optional[Dict[str, str]]:
+    """Why ``spec`` does not run on ``case`` -- the row fields ``{"error": ...}`` (a broken probe)
+    or ``{"status": "skipped", "error": ...}`` (the probe's reason, the time budget spent, or a new
+    compile that would exceed it; ``always`` kernels ignore the budget) -- or None: run it. Shared
+    by the prefill (:class:`KernelSpec`) and decode kernels."""
+    try:
+        reason = spec.probe(env, case)
+    except Exception as exc:  # noqa: BLE001 - a broken probe is the kernel's error, not the run's
+        return dict(error=f"probe failed: {type(exc).__name__}: {exc}"[:300])
+    if reason:
+        return dict(status="skipped", error=f"skipped: {reason}")
+    if not always and env.over_budget():
+        return dict(status="skipped", error=f"skipped: time budget ({env.budget_s:.0f}s) spent")
+    key = spec.compile_key(case) if spec.compile_key else None
+    if not always and key is not None and key not in env.compiled and env.over_budget(extra_s=FLEX_COMPILE_EST_S):
+        return dict(status="skipped",
+                    error=f"skipped: a new compile (~{FLEX_COMPILE_EST_S:.0f}s) would exceed the time budget")
+    return None
+
+
+def _error_fields(exc: BaseException) -> Dict[str, str]:
+    """``error`` (type and first line, at most 300 characters) and ``traceback`` (the last 4000) of
+    a kernel's exception, for its row; call inside the ``except``."""
+    text = str(exc).strip().splitlines()
+    return dict(error=f"{type(exc).__name__}: {text[0] if text else ''}"[:300],
+                traceback=traceback.format_exc()[-4000:])
+
+
+def _settle_cuda(env: Env, failed: bool) -> None:
+    """After a kernel on CUDA: synchronize, and free the cache after a failure (e.g. out of memory)."""
     if env.device.type == "cuda":
         try:
             torch.cuda.synchronize()
-            if outputs is None or any("error" in r for r in results.values()):
+            if failed:
                 torch.cuda.empty_cache()  # e.g. after an out-of-memory error
         except Exception:  # noqa: BLE001 - a sticky CUDA error: the next rows will say so
             traceback.print_exc()
-    return results, extra, outputs
 
 
 def _inputs(case: Case, env: Env) -> Dict[str, torch.Tensor]:
@@ -259,6 +326,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.cpu and not torch.cuda.is_available():
         print("sparse-attn bench: CUDA is not available; use --cpu for the smoke run", file=sys.stderr)
         return 2
+    if args.decode:
+        from .decode import build_decode_cases, run_decode
+
+        try:
+            build_decode_cases(args)  # a grid that cannot be built fails before any output
+        except ValueError as exc:
+            print(f"sparse-attn bench --decode: {exc}", file=sys.stderr)
+            return 2
+        return run_decode(args, argv_list)
     cases = build_cases(args)
     specs = [KERNELS[n] for n in args.kernels]
     baseline = "sdpa_math" if args.cpu else "sdpa_flash"
@@ -291,26 +367,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cpu:
         print("# CPU smoke run: harness check only, numbers are NOT speed claims", flush=True)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise _Interrupted(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
-    threads = torch.get_num_threads()
-    if args.cpu:
-        torch.set_num_threads(1)  # tiny shapes: threads only add contention noise on a shared CI box
     rows: List[Dict[str, Any]] = []
-    rc_interrupted = False
-    try:
-        for _, group in itertools.groupby(cases, key=lambda c: c.shape_key):
-            _run_shape(list(group), specs, args, env, rows, baseline, always, peaks, meta, stem)
-    except (_Interrupted, KeyboardInterrupt) as exc:
-        rc_interrupted = True
-        meta["interrupted"] = f"{type(exc).__name__}: {exc}"
-        print(f"\ninterrupted ({exc}); writing the results so far", flush=True)
-    finally:
-        torch.set_num_threads(threads)
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+    rc_interrupted = run_groups(
+        cases, lambda c: c.shape_key,
+        lambda group: _run_shape(group, specs, args, env, rows, baseline, always, peaks, meta, stem),
+        meta, cpu=args.cpu)
     meta["total_s"] = round(env.elapsed(), 1)
     speedups(rows, baseline)
     paths = report.write_outputs(args.out, stem, meta, rows)
@@ -384,6 +445,36 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def run_groups(cases: Sequence[Any], key: Callable[[Any], Any], run_group: Callable[[List[Any]], None],
+               meta: Dict[str, Any], *, cpu: bool) -> bool:
+    """A benchmark's case loop: ``run_group`` on each run of ``cases`` with the same ``key`` (the
+    cases sharing inputs), ending cleanly on an interrupt: SIGTERM (e.g. from ``timeout``; handled
+    in the main thread only) raises :class:`_Interrupted`, and it or Ctrl-C is recorded in
+    ``meta["interrupted"]`` and announced. With ``cpu``, torch runs single-threaded meanwhile (tiny
+    shapes: threads only add contention noise on a shared CI box). The handler and the thread count
+    are restored either way. Returns whether the loop was interrupted (the rows so far stay with
+    the caller)."""
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Interrupted(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    threads = torch.get_num_threads()
+    if cpu:
+        torch.set_num_threads(1)
+    try:
+        for _, group in itertools.groupby(cases, key=key):
+            run_group(list(group))
+    except (_Interrupted, KeyboardInterrupt) as exc:
+        meta["interrupted"] = f"{type(exc).__name__}: {exc}"
+        print(f"\ninterrupted ({exc}); writing the results so far", flush=True)
+        return True
+    finally:
+        torch.set_num_threads(threads)
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    return False
 
 
 def _run_shape(group: List[Case], specs: List[KernelSpec], args: argparse.Namespace, env: Env,
