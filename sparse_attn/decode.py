@@ -43,7 +43,7 @@ from .ops import check_flag, check_qkv, check_scale, resolve_backend
 from .patterns.s2 import S2Config, stride_residue
 from .reference import reference_forward
 
-__all__ = ["sparse_decode", "reference_decode", "DECODE_MAX_SQ", "decode_backends", "cuda_ready"]
+__all__ = ["sparse_decode", "reference_decode", "DECODE_MAX_SQ", "decode_backends", "cuda_ready", "cuda_supports"]
 
 DECODE_MAX_SQ = 16  # the most new query rows per sequence a decode call takes
 # sparse_attention() hands calls of at most this many query rows to the decode kernels. One: the
@@ -173,8 +173,13 @@ def resolve_cuda(device: torch.device) -> str:
     return "cuda"
 
 
+def cuda_supports(q: Tensor) -> bool:
+    """Whether the CUDA C++ kernel takes ``q``'s dtype and head dim (what ``"auto"`` checks)."""
+    return q.dtype in _CUDA_DTYPES and q.shape[-1] in CUDA_HEAD_DIMS
+
+
 def _resolve(backend: str, q: Tensor) -> str:
-    if backend == "auto" and q.is_cuda and cuda_ready():
+    if backend == "auto" and q.is_cuda and cuda_supports(q) and cuda_ready():
         return "cuda"
     return resolve_backend(backend, q.device)
 
@@ -401,12 +406,12 @@ def decode_shaped(q: Tensor, k: Tensor, layout, causal: bool, resolved: str) -> 
     """Whether a :func:`sparse_attention` call can run on the decode kernel instead: one query row
     (:data:`ROUTE_MAX_SQ`), causal, no gradient to compute, a kernel backend, and a layout (if any)
     with one query block row listing blocks per KV head (or shared)."""
-    sq, hkv, d = q.shape[2], k.shape[1], q.shape[3]
+    sq, hkv = q.shape[2], k.shape[1]
     if resolved not in ("triton", "cuda") or not causal or not 1 <= sq <= ROUTE_MAX_SQ or k.shape[2] == 0:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return False
-    if resolved == "cuda" and (q.dtype not in _CUDA_DTYPES or d not in CUDA_HEAD_DIMS):
+    if resolved == "cuda" and not cuda_supports(q):
         return False
     if layout is None:
         return True

@@ -349,7 +349,7 @@ def sparse_attention(
     if _decode.decode_shaped(q, k, layout, causal, resolved):
         # One causal row and no gradient: the split-K decode kernel reads each K/V block once per
         # GQA group instead of once per query head (sparse_decode takes up to 16 rows).
-        if backend == "auto" and q.is_cuda and _decode.cuda_ready():
+        if backend == "auto" and q.is_cuda and _decode.cuda_supports(q) and _decode.cuda_ready():
             resolved = "cuda"
         out, lse = _decode.decode_from_attention(q, k, v, layout, scale, resolved)
         return (out, lse) if return_lse else out

@@ -268,3 +268,14 @@ def test_decode_shaped_rules():
     assert not decode_shaped(q.requires_grad_(), k, None, True, "triton")  # a gradient to compute
     with torch.no_grad():
         assert decode_shaped(q, k, None, True, "triton")
+
+
+def test_cuda_supports_only_what_the_cuda_kernel_runs():
+    """backend='auto' picks the CUDA C++ kernel only for inputs it runs (fp16/bf16, D 64/128/256);
+    fp32 or D=40 stay on Triton instead of failing."""
+    from sparse_attn.decode import cuda_supports
+
+    assert cuda_supports(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16))
+    assert cuda_supports(torch.empty(1, 1, 1, 64, dtype=torch.float16))
+    assert not cuda_supports(torch.empty(1, 1, 1, 128, dtype=torch.float32))
+    assert not cuda_supports(torch.empty(1, 1, 1, 40, dtype=torch.float16))
