@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -265,6 +265,27 @@ def _check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table, resol
     return block_table
 
 
+# (S2Config, Hkv, Hq, device) -> the residues tensor: built once, so a decode step over an S2
+# config makes no host-to-device copy (which would also break CUDA-graph capture).
+_RESIDUES: Dict[Tuple[S2Config, int, int, torch.device], Tensor] = {}
+
+
+def _s2_residues(cfg: S2Config, hkv: int, hq: int, device: torch.device) -> Tensor:
+    """int32 ``[Hkv]``: each KV head's stride residue (:func:`stride_residue`), -1 for the dense heads."""
+    key = (cfg, hkv, hq, device)
+    cached = None if torch.compiler.is_compiling() else _RESIDUES.get(key)
+    if cached is not None:
+        return cached
+    sharded = hkv - cfg.num_dense_heads
+    residues = [stride_residue(h, hkv, cfg.vert_stride, cfg.homo_head, cfg.head_sliding_offset,
+                               num_query_heads=hq, kv_start_block=cfg.kv_start_position // cfg.block_size)
+                if h < sharded else -1 for h in range(hkv)]
+    res = torch.tensor(residues, dtype=torch.int32).to(device)
+    if not torch.compiler.is_compiling():  # traced code gets the tensor as a constant instead
+        _RESIDUES[key] = res
+    return res
+
+
 def _check_kv_blocks(kv_blocks, q: Tensor, hkv: int, block_size: Optional[int], cap: int):
     """``(kv_num, kv_idx, s2_residues, s2_local, s2_stride, block_size)`` from ``kv_blocks``."""
     bsz, hq = q.shape[0], q.shape[1]
@@ -278,12 +299,7 @@ def _check_kv_blocks(kv_blocks, q: Tensor, hkv: int, block_size: Optional[int], 
                              f"'absolute' and an int local_blocks >= 1 (got {cfg.vert_position_type!r}, "
                              f"{cfg.local_blocks!r})")
         cfg.check_heads(hkv, hq)
-        sharded = hkv - cfg.num_dense_heads
-        residues = [stride_residue(h, hkv, cfg.vert_stride, cfg.homo_head, cfg.head_sliding_offset,
-                                   num_query_heads=hq, kv_start_block=cfg.kv_start_position // cfg.block_size)
-                    if h < sharded else -1 for h in range(hkv)]
-        res = torch.tensor(residues, dtype=torch.int32).to(q.device)
-        return None, None, res, cfg.local_blocks, cfg.vert_stride, cfg.block_size
+        return None, None, _s2_residues(cfg, hkv, hq, q.device), cfg.local_blocks, cfg.vert_stride, cfg.block_size
     bs = 64 if block_size is None else block_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")

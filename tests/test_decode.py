@@ -279,3 +279,20 @@ def test_cuda_supports_only_what_the_cuda_kernel_runs():
     assert cuda_supports(torch.empty(1, 1, 1, 64, dtype=torch.float16))
     assert not cuda_supports(torch.empty(1, 1, 1, 128, dtype=torch.float32))
     assert not cuda_supports(torch.empty(1, 1, 1, 40, dtype=torch.float16))
+
+
+def test_s2_residues_are_built_once_per_config():
+    """A decode step over an S2Config reuses its residues tensor (no host-to-device copy per step),
+    one per (config, heads, device); under torch.compile the call still traces."""
+    from sparse_attn.decode import _s2_residues
+
+    cfg = S2Config(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1)
+    first = _s2_residues(cfg, 4, 8, torch.device("cpu"))
+    assert _s2_residues(cfg, 4, 8, torch.device("cpu")) is first
+    assert first.tolist() == [0, 3, 2, -1]  # step max(1, 4 // 8) = 1: residue -h % 4; the last head dense
+    assert _s2_residues(cfg, 4, 4, torch.device("cpu")) is not first
+    q = torch.randn(1, 8, 1, 16)
+    k = torch.randn(1, 4, 64, 16)
+    lens = torch.tensor([50], dtype=torch.int32)
+    f = torch.compile(lambda q, k, n: sparse_decode(q, k, k, n, kv_blocks=cfg), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(q, k, lens), sparse_decode(q, k, k, lens, kv_blocks=cfg))
