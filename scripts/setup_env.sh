@@ -15,7 +15,8 @@ if [ -n "${SPARSE_ATTN_PYTHON:-}" ]; then
   exit 0
 fi
 PY=.venv/bin/python
-if [ ! -x "$PY" ] || ! "$PY" -c "import torch, triton, pytest, transformers, safetensors, matplotlib, tqdm" 2>/dev/null \
+if [ ! -x "$PY" ] || ! "$PY" -c "import torch, triton, pytest, transformers, safetensors, matplotlib, tqdm, ninja" \
+    2>/dev/null \
     || ! "$PY" -m pip show -q sparse_attn >/dev/null 2>&1; then
   python3 -m venv .venv >&2
   # torch first, pinned: an unpinned `torch` would resolve to whatever is newest
@@ -30,7 +31,8 @@ if [ ! -x "$PY" ] || ! "$PY" -c "import torch, triton, pytest, transformers, saf
       || { echo "setup_env: $index not reachable; falling back to the configured index" >&2;
            "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" >&2; }
   fi
-  "$PY" -m pip install -q --disable-pip-version-check triton pytest numpy >&2
+  # ninja: torch's JIT C++ builds (the CUDA C++ kernels, and their CPU emulation that the tests run)
+  "$PY" -m pip install -q --disable-pip-version-check triton pytest numpy "ninja==1.13.2" >&2
   # the Hugging Face drop-in, gate files, plots and progress bars (pinned: CI tests this set)
   "$PY" -m pip install -q --disable-pip-version-check "transformers==5.23.0" "safetensors==0.8.0" \
     "matplotlib==3.11.2" "tqdm==4.70.1" >&2
